@@ -1,0 +1,138 @@
+"""The ``dml-ray`` command: demo, synth, run, query."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib import resources
+from typing import Any, Optional
+
+import yaml
+
+from dml_ray.config import ConfigError, load_config
+
+log = logging.getLogger("dml_ray")
+
+
+def _demo_config_path() -> str:
+    return str(resources.files("jobs") / "configs" / "demo.yaml")
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _print_metrics(summary) -> None:
+    if summary.metrics is None:
+        return
+    print(f"\n{'split':<16}{'metric':<28}{'k':>6}{'value':>10}")
+    for row in summary.metrics.to_pylist():
+        k = "" if row["k"] is None else row["k"]
+        print(f"{row['split']:<16}{row['metric']:<28}{k!s:>6}{row['value']:>10.4f}")
+
+
+def _run(config_path: str, overrides: dict[str, Any]) -> int:
+    from pipelines.run import run_pipeline
+
+    cfg = load_config(config_path, overrides)
+    summary = run_pipeline(cfg)
+    _print_metrics(summary)
+    print(f"\nrun {summary.run_id}: ran {summary.ran or 'nothing'}, skipped {summary.skipped or 'nothing'}")
+    print(f"outputs: {summary.run_uri}")
+    print(f"query them: dml-ray query --root {cfg.output_root} \"SELECT * FROM metrics\"")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    overrides = {"output_root": os.path.abspath(args.out), "run_id": args.run_id or "demo"}
+    return _run(_demo_config_path(), overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = _parse_sets(args.set)
+    if args.stages:
+        overrides["stages"] = args.stages.split(",")
+    if args.run_id:
+        overrides["run_id"] = args.run_id
+    return _run(args.config, overrides)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dml_ray.data.synthetic import generate_synthetic
+
+    root = generate_synthetic(args.out, args.classes, args.per_class, args.size, args.seed)
+    print(f"wrote a CUB-200-2011-format dataset of {args.classes} x {args.per_class} images to {root}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from dml_ray.io.query import connect
+
+    con, run_id = connect(args.root, args.run)
+    result = con.sql(args.sql)
+    if result is None:
+        return 0
+    if args.format == "csv":
+        result.df().to_csv(sys.stdout, index=False)
+    else:
+        print(f"-- run {run_id}")
+        result.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dml-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> embed -> evaluate, end to end")
+    p.add_argument("--out", default="demo_out", help="output root (default: ./demo_out)")
+    p.add_argument("--run-id", default=None, help="run id (default: demo); an existing run resumes")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run the stages of a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--stages", help="comma-separated subset of: data,train,embed,evaluate")
+    p.add_argument("--run-id")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the CUB-200-2011 layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=12)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run")
+    p.add_argument("sql")
+    p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
+    p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.add_argument("--format", choices=["table", "csv"], default="table")
+    p.add_argument("--max-rows", type=int, default=40)
+    p.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"dml-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Configuration as data: pydantic models for every stage; YAML in, one-line errors out."""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
+LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
+Stage = Literal["data", "train", "embed", "evaluate"]
+ALL_STAGES: tuple[str, ...] = ("data", "train", "embed", "evaluate")
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    n_classes: int = Field(20, ge=2)
+    images_per_class: int = Field(12, ge=2)
+    image_size: int = Field(96, ge=32)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    kind: DatasetKind = "synthetic"
+    root: str = ""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    image_size: int = Field(224, ge=16, description="side of the square model input (center crop)")
+    resize: int = Field(256, ge=16, description="shorter side after resizing, before the crop")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "DataConfig":
+        if self.image_size > self.resize:
+            raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize}")
+        return self
+
+
+class ModelConfig(Strict):
+    backbone: str = "resnet50"
+    weights: str = Field("none", description="'none' (random init), 'imagenet' or a checkpoint path")
+    pooling: Literal["gap", "gmp", "flatten"] = "gap"
+    hidden_dims: list[int] = Field(default_factory=list, description="FC -> (BN) -> ReLU layers before the last FC")
+    embedding_dim: Optional[int] = Field(512, ge=1, description="None: no FC, the pooled feature is the embedding")
+    bn: bool = False
+
+    @model_validator(mode="after")
+    def _fc_needed(self) -> "ModelConfig":
+        if self.embedding_dim is None and (self.hidden_dims or self.bn):
+            raise ValueError("hidden_dims and bn need an embedding_dim")
+        return self
+
+
+class LossConfig(Strict):
+    name: LossName = "multi_similarity"
+    params: dict[str, Any] = Field(default_factory=dict)
+    miner: Optional[Literal["triplet_margin", "multi_similarity", "batch_hard"]] = None
+    miner_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adam", "adamw", "sgd", "radam"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    head_lr_multiplier: float = Field(1.0, gt=0, description="lr of head and loss parameters / lr")
+
+
+class SchedulerConfig(Strict):
+    name: Literal["none", "step", "multistep", "cosine"] = "none"
+    step_size: int = Field(10, ge=1)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(5, ge=1)
+    classes_per_batch: int = Field(8, ge=1, description="P of the P x K batches, per worker")
+    samples_per_class: int = Field(4, ge=1, description="K of the P x K batches")
+    steps_per_epoch: Optional[int] = Field(None, ge=1, description="default: train images / global batch")
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 runs the loop in-process")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+    loader_workers: int = Field(0, ge=0, description="torch DataLoader processes per Ray Train worker")
+
+
+class EmbedConfig(Strict):
+    batch_size: int = Field(32, ge=1)
+    concurrency: int = Field(1, ge=1, description="max model actors")
+    cpus_per_actor: int = Field(1, ge=1)
+    use_gpu: bool = False
+    splits: list[str] = Field(default_factory=lambda: ["train", "test", "query", "gallery"])
+    max_error_fraction: float = Field(0.05, ge=0, le=1, description="above it the stage fails and commits nothing")
+
+
+class EvaluateConfig(Strict):
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    ks: Optional[list[int]] = Field(None, description="Recall@K list; default by dataset (DESIGN.md)")
+    nmi: bool = True
+    map_at_r: bool = True
+    splits: Optional[list[str]] = Field(None, description="evaluated splits; default: test (query/gallery for In-Shop)")
+    query_shards: int = Field(4, ge=1, description="Ray tasks the queries are split over")
+    block_size: int = Field(4096, ge=1, description="queries per faiss search call")
+    seed: int = 0
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, ks: Optional[list[int]]) -> Optional[list[int]]:
+        if ks is not None and (not ks or min(ks) < 1):
+            raise ValueError("ks must be a non-empty list of positive integers")
+        return ks
+
+
+class RunConfig(Strict):
+    output_root: str = "dml_ray_out"
+    run_id: str = Field(default_factory=lambda: _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    stages: list[Stage] = Field(default_factory=lambda: list(ALL_STAGES))
+    num_threads: int = Field(1, ge=1, description="torch threads per worker / actor / task")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    embed: EmbedConfig = EmbedConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message is one line naming the field."""
+
+
+def _format(err: ValidationError, prefix: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {msg}{extra}"
+
+
+def parse_config(data: dict[str, Any], model: type[BaseModel] = RunConfig, prefix: str = "config") -> Any:
+    """Validate a mapping into ``model``; raise ConfigError with one line naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, prefix)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Read a YAML run config, apply dotted-key ``overrides`` and validate it."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(data)

@@ -1,0 +1,46 @@
+"""Image decoding and the model-input transforms (resize shorter side, then crop)."""
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to RGB; Pillow's decompression-bomb limit stays in force."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def eval_transform(resize: int, image_size: int) -> v2.Compose:
+    """Deterministic inference transform: resize shorter side to ``resize``, center crop ``image_size``."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(resize, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    """Training augmentation: random resized crop and horizontal flip (the usual DML recipe)."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def to_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack transformed images into a contiguous batch tensor."""
+    return torch.stack(images).contiguous()
+

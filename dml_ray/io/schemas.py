@@ -1,0 +1,83 @@
+"""Every table's Arrow schema, defined once (DESIGN.md "Tables").
+
+Ids are strings and every row carries ``run_id``. Embeddings are ``fixed_size_list<float32>[d]``
+so DuckDB reads them as ``FLOAT[d]``.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SPLITS = ("train", "test", "query", "gallery")
+
+BBOX_TYPE = pa.struct(
+    [("x", pa.float32()), ("y", pa.float32()), ("w", pa.float32()), ("h", pa.float32())]
+)
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("label", pa.int64()),
+        ("class_name", pa.string()),
+        ("split", pa.string()),
+        ("bbox", BBOX_TYPE),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("stage", pa.string()),
+        ("split", pa.string()),
+        ("metric", pa.string()),
+        ("k", pa.int32()),
+        ("value", pa.float64()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """The Arrow type of one embedding vector of dimension ``dim``."""
+    return pa.list_(pa.float32(), dim)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Schema of the ``embeddings`` table for embeddings of dimension ``dim``."""
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("image_id", pa.string()),
+            ("label", pa.int64()),
+            ("split", pa.string()),
+            ("model_id", pa.string()),
+            ("embedding", embedding_type(dim)),
+            ("norm", pa.float32()),
+        ]
+    )
+
+
+def validate_images(table: pa.Table) -> pa.Table:
+    """Cast ``table`` to IMAGES_SCHEMA, raising a one-line error naming what is wrong."""
+    missing = [n for n in IMAGES_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"images table: missing columns {missing}")
+    table = table.select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA)
+    bad = set(table.column("split").unique().to_pylist()) - set(SPLITS)
+    if bad:
+        raise ValueError(f"images table: unknown split values {sorted(bad)}; expected {SPLITS}")
+    ids = table.column("image_id")
+    if ids.null_count or len(ids.unique()) != len(ids):
+        raise ValueError("images table: image_id must be non-null and unique")
+    return table

@@ -1,0 +1,192 @@
+"""Run layout and atomic table commits (DESIGN.md "Runs, commits, incremental nightly jobs").
+
+    <output_root>/runs/<run_id>/<table>/part-*.parquet + _COMMITTED
+    <output_root>/_staging/<run_id>/<table>-<token>/...      never read by anyone
+
+A table is committed iff its ``_COMMITTED`` marker exists; the marker lists the table's files and
+is written last. On a local file system the staging folder is renamed into place first (atomic);
+on object stores the files are copied, then the marker is written. Readers see committed files only.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import uuid
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dml_ray.io.fs import is_local, join, pyarrow_fs, url_to_fs
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "_COMMITTED"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class TableExistsError(RuntimeError):
+    """A table is already committed; committing again would duplicate or replace its rows."""
+
+
+def run_uri(output_root: str, run_id: str) -> str:
+    """URI of one run's folder."""
+    return join(output_root, "runs", run_id)
+
+
+def table_uri(output_root: str, run_id: str, table: str, part: Optional[str] = None) -> str:
+    """URI of one table of a run; tables several stages write (metrics, errors) have one part per stage."""
+    return join(run_uri(output_root, run_id), table, *([part] if part else []))
+
+
+def staging_uri(output_root: str, run_id: str, table: str, part: Optional[str] = None) -> str:
+    """A fresh staging folder for writing ``table``; nothing reads it until it is committed."""
+    name = f"{table}-{part}" if part else table
+    return join(output_root, "_staging", run_id, f"{name}-{uuid.uuid4().hex[:12]}")
+
+
+def is_committed(uri: str, storage_options: Optional[dict] = None) -> bool:
+    """Whether the table folder ``uri`` holds a committed table."""
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.exists(join(path, COMMIT_MARKER))
+
+
+def _data_files(fs, path: str) -> list[str]:
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+
+
+def commit_table(staging: str, final: str, storage_options: Optional[dict] = None,
+                 replace: bool = False) -> dict[str, Any]:
+    """Move the Parquet files under ``staging`` into ``final`` and write the commit marker last.
+
+    Raises TableExistsError if ``final`` is already committed, unless ``replace`` (then the old
+    table is uncommitted first). A leftover, uncommitted ``final`` from a crashed attempt is removed.
+    """
+    fs, src = url_to_fs(staging, storage_options)
+    _, dst = url_to_fs(final, storage_options)
+    if fs.exists(join(dst, COMMIT_MARKER)):
+        if not replace:
+            raise TableExistsError(f"table already committed: {final}")
+        fs.rm(join(dst, COMMIT_MARKER))
+    files = _data_files(fs, src)
+    rows = sum(pq.ParquetFile(fs.open(f, "rb")).metadata.num_rows for f in files)
+    if fs.exists(dst):
+        log.warning("removing uncommitted leftovers at %s", final)
+        fs.rm(dst, recursive=True)
+    names = [f"part-{i:05d}.parquet" for i in range(len(files))]
+    if is_local(fs):
+        fs.makedirs(src, exist_ok=True)
+        fs.makedirs(dst.rstrip("/").rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(src, dst, recursive=True)
+        for old, new in zip(files, names):
+            fs.mv(join(dst, old[len(src):]), join(dst, new))
+        for p in fs.find(dst, withdirs=True)[::-1]:
+            if fs.isdir(p) and p.rstrip("/") != dst.rstrip("/") and not fs.ls(p):
+                fs.rmdir(p)
+    else:
+        for old, new in zip(files, names):
+            fs.copy(old, join(dst, new))
+    marker = {"files": names, "rows": rows, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    with fs.open(join(dst, COMMIT_MARKER), "w") as f:
+        json.dump(marker, f)
+    if fs.exists(src):
+        fs.rm(src, recursive=True)
+    log.info("committed %s (%d rows, %d files)", final, rows, len(names))
+    return marker
+
+
+def committed_files(uri: str, storage_options: Optional[dict] = None) -> list[str]:
+    """Paths (inside the file system) of a committed table's files, or of all its committed parts."""
+    fs, path = url_to_fs(uri, storage_options)
+    markers = [join(path, COMMIT_MARKER)] if fs.exists(join(path, COMMIT_MARKER)) else sorted(
+        p for p in fs.glob(join(path, "*", COMMIT_MARKER)))
+    if not markers:
+        raise FileNotFoundError(f"no committed table at {uri}")
+    files = []
+    for marker in markers:
+        with fs.open(marker, "r") as f:
+            folder = marker[: -len(COMMIT_MARKER) - 1]
+            files += [join(folder, n) for n in json.load(f)["files"]]
+    return files
+
+
+def read_table(uri: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None) -> pa.Table:
+    """Read a committed table (only the files its marker lists)."""
+    files = committed_files(uri, storage_options)
+    fs, _ = url_to_fs(uri, storage_options)
+    if not files:
+        raise ValueError(f"committed table {uri} has no files")
+    tables = [pq.read_table(fs.open(f, "rb"), columns=columns) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def write_table(table: pa.Table, final: str, staging: str, storage_options: Optional[dict] = None,
+                replace: bool = False) -> dict[str, Any]:
+    """Write a driver-side Arrow table to ``staging`` and commit it to ``final``."""
+    fs, path = pyarrow_fs(staging, storage_options)
+    fs.create_dir(path, recursive=True)
+    pq.write_table(table, f"{path}/part-00000.parquet", filesystem=fs)
+    return commit_table(staging, final, storage_options, replace=replace)
+
+
+def read_json(uri: str, storage_options: Optional[dict] = None) -> Optional[dict]:
+    """Read a JSON document, or None if it does not exist."""
+    fs, path = url_to_fs(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_json(uri: str, doc: dict, storage_options: Optional[dict] = None) -> None:
+    """Write a JSON document through a temporary file and a rename where the store allows it."""
+    fs, path = url_to_fs(uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "w") as f:
+            f.write(text)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "w") as f:
+            f.write(text)
+
+
+def update_manifest(output_root: str, run_id: str, storage_options: Optional[dict] = None, **fields: Any) -> dict:
+    """Merge ``fields`` into a run's manifest.json (``stages`` entries are merged per stage)."""
+    uri = join(run_uri(output_root, run_id), MANIFEST)
+    doc = read_json(uri, storage_options) or {"run_id": run_id, "stages": {}}
+    stages = fields.pop("stages", {})
+    doc.update(fields)
+    doc.setdefault("stages", {}).update(stages)
+    write_json(uri, doc, storage_options)
+    return doc
+
+
+def set_latest(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> None:
+    """Point ``<output_root>/latest`` at ``run_id`` (done last in a run)."""
+    write_json(join(output_root, LATEST), {"run_id": run_id}, storage_options)
+
+
+def latest_run(output_root: str, storage_options: Optional[dict] = None) -> Optional[str]:
+    """The run the ``latest`` pointer names, or None."""
+    doc = read_json(join(output_root, LATEST), storage_options)
+    return doc["run_id"] if doc else None
+
+
+def committed_tables(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> dict[str, str]:
+    """Names and URIs of a run's tables that are committed (whole, or in at least one part)."""
+    fs, path = url_to_fs(run_uri(output_root, run_id), storage_options)
+    if not fs.exists(path):
+        return {}
+    out = {}
+    for p in fs.ls(path, detail=False):
+        if fs.exists(join(p, COMMIT_MARKER)) or fs.glob(join(p, "*", COMMIT_MARKER)):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            out[name] = table_uri(output_root, run_id, name)
+    return out

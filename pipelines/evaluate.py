@@ -1,0 +1,81 @@
+"""Retrieval evaluation: queries sharded over Ray tasks against a database in the object store."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from dml_ray.config import EvaluateConfig
+from dml_ray.io.schemas import METRICS_SCHEMA
+from dml_ray.metrics.retrieval import metrics_from_neighbors, neighbor_labels_for, nmi, relevant_counts, search_width
+
+log = logging.getLogger(__name__)
+
+
+def _arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    x = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return x, table.column("label").to_numpy(), np.asarray(table.column("image_id").to_pylist(), dtype=object)
+
+
+@ray.remote(num_cpus=1)
+def _search_shard(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, block_size, num_threads):
+    import faiss
+
+    faiss.omp_set_num_threads(num_threads)
+    return neighbor_labels_for(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, block_size)
+
+
+def evaluation_pairs(splits: list[str]) -> list[tuple[str, str, str]]:
+    """(name, query split, database split) pairs: each split against itself; In-Shop's query vs gallery."""
+    if "query" in splits and "gallery" in splits:
+        return [("query_gallery", "query", "gallery")] + [(s, s, s) for s in splits if s not in ("query", "gallery")]
+    return [(s, s, s) for s in splits]
+
+
+def evaluate_split(query: pa.Table, db: pa.Table, ks: list[int], cfg: EvaluateConfig,
+                   num_threads: int = 1) -> list[dict]:
+    """Recall@K, MAP@R and NMI of ``query`` against ``db``, queries sharded over Ray tasks."""
+    q_emb, q_labels, q_ids = _arrays(query)
+    d_emb, d_labels, d_ids = _arrays(db)
+    n_relevant = relevant_counts(q_labels, q_ids, d_labels, d_ids) if cfg.map_at_r else None
+    width = search_width(ks, n_relevant)
+    refs = [ray.put(x) for x in (d_emb, d_labels, d_ids)]
+    bounds = np.linspace(0, len(q_emb), min(cfg.query_shards, len(q_emb)) + 1).astype(int)
+    futures = [_search_shard.remote(q_emb[a:b], q_ids[a:b], *refs, width, cfg.metric, cfg.block_size, num_threads)
+               for a, b in zip(bounds, bounds[1:]) if b > a]
+    neighbor_labels = np.concatenate(ray.get(futures))
+    rows = metrics_from_neighbors(q_labels, neighbor_labels, n_relevant, ks)
+    if cfg.nmi:
+        same = set(q_ids.tolist()) == set(d_ids.tolist())
+        x = q_emb if same else np.concatenate([q_emb, d_emb])
+        y = q_labels if same else np.concatenate([q_labels, d_labels])
+        rows.append({"metric": "nmi", "k": None, "value": nmi(x, y, seed=cfg.seed)})
+    return rows
+
+
+def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_id: str,
+                 splits: Optional[list[str]] = None, num_threads: int = 1) -> pa.Table:
+    """Evaluate every configured split of an embeddings table; returns ``metrics`` rows."""
+    start = time.perf_counter()
+    present = set(embeddings.column("split").unique().to_pylist())
+    default = ["query", "gallery"] if {"query", "gallery"} <= present else ["test"]
+    rows = []
+    for name, q_split, d_split in evaluation_pairs(splits or cfg.splits or default):
+        query = embeddings.filter(pc.equal(embeddings.column("split"), q_split))
+        db = embeddings.filter(pc.equal(embeddings.column("split"), d_split))
+        if query.num_rows == 0 or db.num_rows < 2:
+            raise ValueError(f"evaluate: split {q_split!r} / {d_split!r} has too few embeddings")
+        usable = [k for k in ks if k < db.num_rows]
+        if len(usable) < len(ks):
+            log.warning("evaluate: dropping K > database size for %s: %s", name, sorted(set(ks) - set(usable)))
+        for row in evaluate_split(query, db, usable, cfg, num_threads):
+            rows.append({"run_id": run_id, "stage": "evaluate", "split": name, **row})
+    log.info("evaluate: %d metric rows in %.1f s", len(rows), time.perf_counter() - start)
+    return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)

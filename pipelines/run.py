@@ -1,0 +1,136 @@
+"""A whole run: data -> train -> embed -> evaluate, each stage committed once and skipped on re-run."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pyarrow as pa
+
+from dml_ray.config import RunConfig
+from dml_ray.data.readers import default_ks, read_images
+from dml_ray.data.synthetic import generate_synthetic
+from dml_ray.io.fs import join, url_to_fs
+from dml_ray.io.schemas import METRICS_SCHEMA
+from dml_ray.io.tables import (is_committed, read_table, set_latest, staging_uri, table_uri, update_manifest,
+                               write_table)
+from dml_ray.models.checkpoint import versions
+from pipelines.embed import run_embed
+from pipelines.evaluate import run_evaluate
+from pipelines.ray_env import ensure_ray
+from pipelines.train import model_uri, run_train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_uri: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    metrics: Optional[pa.Table] = None
+
+
+def _git_sha() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def data_root(cfg: RunConfig) -> str:
+    """Where the dataset lives: ``data.root``, or ``<output_root>/synthetic`` for generated data."""
+    return cfg.data.root or join(cfg.output_root, "synthetic")
+
+
+def _stage_data(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    root = data_root(cfg)
+    if cfg.data.kind == "synthetic":
+        fs, path = url_to_fs(root, so)
+        if not fs.exists(join(path, "images.txt")):
+            s = cfg.data.synthetic
+            generate_synthetic(root, s.n_classes, s.images_per_class, s.image_size, s.seed, so)
+    images = read_images(cfg.data.kind, root, so)
+    final = table_uri(cfg.output_root, cfg.run_id, "images")
+    marker = write_table(images, final, staging_uri(cfg.output_root, cfg.run_id, "images"), so)
+    return {"rows": marker["rows"]}
+
+
+def _stage_train(cfg: RunConfig) -> dict:
+    images = table_uri(cfg.output_root, cfg.run_id, "images")
+    result = run_train(images, cfg)
+    rows = [{"run_id": cfg.run_id, "stage": "train", "split": "train", "metric": name, "k": int(h["epoch"]),
+             "value": float(h[name])} for h in result.history for name in ("loss", "images_per_s")]
+    so = cfg.data.storage_options or None
+    write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA),
+                table_uri(cfg.output_root, cfg.run_id, "metrics", "train"),
+                staging_uri(cfg.output_root, cfg.run_id, "metrics", "train"), so, replace=True)
+    return {"checkpoint": result.checkpoint_uri, "history": result.history}
+
+
+def _stage_embed(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    images = read_table(table_uri(cfg.output_root, cfg.run_id, "images"), so)
+    result = run_embed(images, _checkpoint(cfg), cfg.output_root, cfg.run_id, cfg.data, cfg.embed, cfg.num_threads)
+    return {"rows": result.rows, "errors": result.errors}
+
+
+def _stage_evaluate(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
+    ks = cfg.evaluate.ks or default_ks(cfg.data.kind)
+    metrics = run_evaluate(embeddings, ks, cfg.evaluate, cfg.run_id, num_threads=cfg.num_threads)
+    write_table(metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate"),
+                staging_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate"), so)
+    return {"rows": metrics.num_rows}
+
+
+def _checkpoint(cfg: RunConfig) -> str:
+    """The model the run embeds with: its own trained one, else ``model.weights`` when that is a file."""
+    own = model_uri(cfg.output_root, cfg.run_id)
+    fs, path = url_to_fs(own, cfg.data.storage_options or None)
+    if fs.exists(path):
+        return own
+    if cfg.model.weights in ("none", "imagenet"):
+        raise ValueError("embed: no trained model in this run and model.weights is not a checkpoint path; "
+                         "add the train stage or set model.weights")
+    return cfg.model.weights
+
+
+STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], str]]] = {
+    "data": (_stage_data, lambda c: table_uri(c.output_root, c.run_id, "images")),
+    "train": (_stage_train, lambda c: table_uri(c.output_root, c.run_id, "metrics", "train")),
+    "embed": (_stage_embed, lambda c: table_uri(c.output_root, c.run_id, "embeddings")),
+    "evaluate": (_stage_evaluate, lambda c: table_uri(c.output_root, c.run_id, "metrics", "evaluate")),
+}
+
+
+def run_pipeline(cfg: RunConfig) -> RunSummary:
+    """Run the configured stages in order; a stage whose output is committed is skipped."""
+    so = cfg.data.storage_options or None
+    summary = RunSummary(cfg.run_id, join(cfg.output_root, "runs", cfg.run_id))
+    config = cfg.model_dump(mode="json", exclude={"data": {"storage_options"}})
+    update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
+    ensure_ray()
+    for name in [s for s in STAGES if s in cfg.stages]:
+        run, output = STAGES[name]
+        if is_committed(output(cfg), so):
+            log.info("stage %s: already committed, skipped", name)
+            summary.skipped.append(name)
+            continue
+        log.info("stage %s: running", name)
+        start = time.perf_counter()
+        info = run(cfg)
+        info["seconds"] = round(time.perf_counter() - start, 2)
+        update_manifest(cfg.output_root, cfg.run_id, so, stages={name: info})
+        summary.ran.append(name)
+    metrics_uri = table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate")
+    if is_committed(metrics_uri, so):
+        summary.metrics = read_table(metrics_uri, so)
+    set_latest(cfg.output_root, cfg.run_id, so)
+    return summary

@@ -1,0 +1,166 @@
+"""Training on Ray Train: DDP workers, rank-aware P x K batches, a checkpoint every epoch, resume on failure."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.compute as pc
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dml_ray.config import RunConfig, parse_config
+from dml_ray.data.dataset import ImageTableDataset
+from dml_ray.data.samplers import RankAwarePKBatchSampler
+from dml_ray.data.transforms import train_transform
+from dml_ray.io.fs import join, pyarrow_fs
+from dml_ray.io.tables import read_table, run_uri
+from dml_ray.losses.factory import build_loss, build_miner, wrap_distributed
+from dml_ray.models.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
+from dml_ray.models.embedding import build_model
+from dml_ray.training import build_optimizer, build_scheduler, train_epoch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint_uri: str
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def model_uri(output_root: str, run_id: str) -> str:
+    """Where a run's trained model checkpoint lives (its presence marks the train stage done)."""
+    return join(run_uri(output_root, run_id), "model", MODEL_FILE)
+
+
+def _train_split(images_uri: str, storage_options: dict | None):
+    images = read_table(images_uri, storage_options)
+    train = images.filter(pc.equal(images.column("split"), "train"))
+    if train.num_rows == 0:
+        raise ValueError(f"{images_uri}: no images in split 'train'")
+    labels = train.column("label").to_pylist()
+    classes = sorted(set(labels))
+    names = dict(zip(labels, train.column("class_name").to_pylist()))
+    index = {c: i for i, c in enumerate(classes)}
+    return train.column("uri").to_pylist(), [index[x] for x in labels], [names[c] for c in classes]
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop (also runs in-process with num_workers=0)."""
+    cfg: RunConfig = parse_config(loop_config["config"])
+    torch.set_num_threads(cfg.num_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    so = cfg.data.storage_options or None
+
+    uris, labels, class_names = _train_split(loop_config["images_uri"], so)
+    dataset = ImageTableDataset(uris, labels, train_transform(cfg.data.image_size), so)
+    sampler = RankAwarePKBatchSampler(labels, cfg.train.classes_per_batch, cfg.train.samples_per_class,
+                                      num_replicas=world, rank=rank, seed=cfg.train.seed,
+                                      steps_per_epoch=cfg.train.steps_per_epoch)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.loader_workers,
+                                         persistent_workers=cfg.train.loader_workers > 0)
+    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=False)
+    device = ray.train.torch.get_device()
+
+    model = _initial_model(cfg)
+    loss_fn = build_loss(cfg.train.loss, len(class_names), model.embedding_dim).to(device)
+    miner = build_miner(cfg.train.loss)
+    optimizer = build_optimizer(cfg.train.optimizer, model, loss_fn)
+    scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log.info("rank %d resumed after epoch %d", rank, state["epoch"])
+    ddp_model = ray.train.torch.prepare_model(model)
+    dist_loss, dist_miner = wrap_distributed(loss_fn, miner)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        stats = train_epoch(ddp_model, dist_loss, dist_miner, optimizer, loader, device, loss_scale=world)
+        if scheduler is not None:
+            scheduler.step()
+        record = {"epoch": epoch, "loss": stats["loss"], "steps": stats["steps"],
+                  "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
+                  "seconds": stats["seconds"]}
+        history.append(record)
+        _maybe_fail(loop_config, epoch, rank)
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                state = {"model": model.state_dict(), "loss": loss_fn.state_dict(),
+                         "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                         "epoch": epoch, "history": history}
+                torch.save(state, os.path.join(folder, STATE_FILE))
+                with open(os.path.join(folder, MODEL_FILE), "wb") as f:
+                    f.write(checkpoint_bytes(model, cfg.model, cfg.data.image_size, class_names,
+                                             extra={"epoch": epoch, "loss": cfg.train.loss.name}))
+                ckpt = ray.train.Checkpoint.from_directory(folder)
+                log.info("epoch %d: loss %.4f, %.1f images/s", epoch, record["loss"], record["images_per_s"])
+            ray.train.report(record, checkpoint=ckpt)
+
+
+def _initial_model(cfg: RunConfig) -> torch.nn.Module:
+    if cfg.model.weights not in ("none", "imagenet"):
+        return load_checkpoint(cfg.model.weights, cfg.data.storage_options or None).model
+    return build_model(cfg.model, cfg.data.image_size)
+
+
+def _maybe_fail(loop_config: dict[str, Any], epoch: int, rank: int) -> None:
+    """Fault injection for tests: kill this worker once, after the given epoch, on the given rank."""
+    spec = loop_config.get("fail_once")
+    if not spec or spec["epoch"] != epoch or spec["rank"] != rank:
+        return
+    marker = spec["marker"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) -> TrainResult:
+    """Train with Ray Train and store the final model checkpoint in the run folder."""
+    start = time.perf_counter()
+    so = cfg.data.storage_options or None
+    storage = join(cfg.output_root, "_train", cfg.run_id)
+    fs, path = pyarrow_fs(storage, so)
+    fs.create_dir(path, recursive=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "images_uri": images_uri, "fail_once": fail_once},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RayRunConfig(
+            name="train", storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+            data = f.read()
+        history = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)["history"]
+    uri = model_uri(cfg.output_root, cfg.run_id)
+    save_checkpoint(uri, data, so)
+    return TrainResult(uri, history, time.perf_counter() - start)
