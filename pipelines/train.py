@@ -79,7 +79,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     miner = build_miner(cfg.train.loss)
     optimizer = build_optimizer(cfg.train.optimizer, model, loss_fn)
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs)
-    start_epoch, history = 0, []
+    start_epoch, history, attempt = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -89,28 +89,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history, attempt = state["epoch"] + 1, state["history"], state["attempt"] + 1
         log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     ddp_model = ray.train.torch.prepare_model(model)
     dist_loss, dist_miner = wrap_distributed(loss_fn, miner)
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        _maybe_fail(loop_config, epoch, rank)
         sampler.set_epoch(epoch)
         stats = train_epoch(ddp_model, dist_loss, dist_miner, optimizer, loader, device, loss_scale=world)
         if scheduler is not None:
             scheduler.step()
-        record = {"epoch": epoch, "loss": stats["loss"], "steps": stats["steps"],
+        record = {"epoch": epoch, "attempt": attempt, "loss": stats["loss"], "steps": stats["steps"],
                   "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
                   "seconds": stats["seconds"]}
         history.append(record)
-        _maybe_fail(loop_config, epoch, rank)
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
                 state = {"model": model.state_dict(), "loss": loss_fn.state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                         "epoch": epoch, "history": history}
+                         "epoch": epoch, "attempt": attempt, "history": history}
                 torch.save(state, os.path.join(folder, STATE_FILE))
                 with open(os.path.join(folder, MODEL_FILE), "wb") as f:
                     f.write(checkpoint_bytes(model, cfg.model, cfg.data.image_size, class_names,
@@ -127,14 +127,16 @@ def _initial_model(cfg: RunConfig) -> torch.nn.Module:
 
 
 def _maybe_fail(loop_config: dict[str, Any], epoch: int, rank: int) -> None:
-    """Fault injection for tests: kill this worker once, after the given epoch, on the given rank."""
+    """Fault injection for tests: kill this worker once, while it works on the given epoch, on the given rank.
+
+    It dies a few seconds into the epoch, as a real crash would, so the controller has seen the last report.
+    """
     spec = loop_config.get("fail_once")
-    if not spec or spec["epoch"] != epoch or spec["rank"] != rank:
+    if not spec or spec["epoch"] != epoch or spec["rank"] != rank or os.path.exists(spec["marker"]):
         return
-    marker = spec["marker"]
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
+    open(spec["marker"], "w").close()
+    time.sleep(spec.get("after_s", 3.0))
+    os._exit(1)
 
 
 def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) -> TrainResult:

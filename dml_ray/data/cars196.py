@@ -29,7 +29,7 @@ def _load_mat(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"missing required file {uri}") from None
     try:
         mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)
-    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError) as err:
+    except (scipy.io.matlab.MatReadError, NotImplementedError, ValueError, TypeError, OSError) as err:
         raise ValueError(f"{uri}: not a readable MATLAB file ({err})") from None
     for key in ("annotations", "class_names"):
         if key not in mat:

@@ -15,7 +15,7 @@ from dml_ray.data.readers import images_table, open_root, to_uri, zero_shot_spli
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def is_class_image(rel_path: str) -> bool:
+def _is_class_image(rel_path: str) -> bool:
     """Whether ``rel_path`` (relative to the root) is a visible image inside a class folder."""
     parts = rel_path.split("/")
     return (
@@ -32,7 +32,7 @@ def read_folder(root: str, storage_options: Optional[dict[str, Any]] = None) -> 
         raise FileNotFoundError(f"image folder {to_uri(fs, base)} does not exist")
     prefix = base.rstrip("/") + "/"
     rel_paths = sorted(
-        rel for rel in (path[len(prefix):] for path in fs.find(base) if path.startswith(prefix)) if is_class_image(rel)
+        rel for rel in (path[len(prefix):] for path in fs.find(base) if path.startswith(prefix)) if _is_class_image(rel)
     )
     if not rel_paths:
         raise ValueError(f"no images under {to_uri(fs, base)}; expected <root>/<class_name>/<image>")

@@ -9,6 +9,7 @@ images under ``Img/``. The label comes from ``item_id``; query and gallery share
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -28,6 +29,8 @@ from dml_ray.data.readers import (
 PARTITION_HEADER = ("image_name", "item_id", "evaluation_status")
 BBOX_HEADER = ("image_name", "clothes_type", "pose_type", "x_1", "y_1", "x_2", "y_2")
 STATUSES = ("train", "query", "gallery")
+
+logger = logging.getLogger(__name__)
 
 
 def _layout(fs: AbstractFileSystem, base: str) -> tuple[str, str, str]:
@@ -54,6 +57,7 @@ def _status(value: str) -> str:
 
 def _bboxes(fs: AbstractFileSystem, path: str) -> dict[str, Box]:
     if not fs.exists(path):
+        logger.warning("%s not found: the images have no bounding boxes", to_uri(fs, path))
         return {}
     rows = _counted_rows(fs, path, (str, int, int, float, float, float, float), BBOX_HEADER)
     return {name: (x1, y1, x2 - x1, y2 - y1) for name, _, _, x1, y1, x2, y2 in rows}

@@ -150,7 +150,9 @@ def _placement(rng: np.random.Generator, size: int, extent: float) -> _Placement
     angle = rng.uniform(-0.4, 0.4)
     margin = min(extent * radius * aspect.max() + 1.0, size / 2)
     centre = rng.uniform(margin, size - margin, 2)
-    return _Placement((float(centre[0]), float(centre[1])), float(radius), (float(aspect[0]), float(aspect[1])), float(angle))
+    return _Placement(
+        (float(centre[0]), float(centre[1])), float(radius), (float(aspect[0]), float(aspect[1])), float(angle)
+    )
 
 
 # ---- rendering ----
@@ -240,11 +242,12 @@ def _lines(items: Any) -> str:
 
 def _index_files(classes: list[str], rows: list[tuple[int, int, str, Box]], images_per_class: int) -> dict[str, str]:
     """The CUB-200-2011 index files (1-based ids) of ``rows`` = (image id, class id, path, box)."""
+    half = images_per_class // 2  # the zero-shot protocol ignores these flags; CUB has about half
     return {
         "classes.txt": _lines(f"{c} {name}" for c, name in enumerate(classes, start=1)),
         "images.txt": _lines(f"{i} {path}" for i, _, path, _ in rows),
         "image_class_labels.txt": _lines(f"{i} {c}" for i, c, _, _ in rows),
-        "train_test_split.txt": _lines(f"{i} {int((i - 1) % images_per_class < images_per_class // 2)}" for i, *_ in rows),
+        "train_test_split.txt": _lines(f"{i} {int((i - 1) % images_per_class < half)}" for i, *_ in rows),
         "bounding_boxes.txt": _lines(f"{i} {x:.1f} {y:.1f} {w:.1f} {h:.1f}" for i, _, _, (x, y, w, h) in rows),
     }
 

@@ -1,0 +1,78 @@
+"""End to end on a local Ray instance: the demo's data, training, embedding and evaluation."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from dml_ray.cli import main
+from dml_ray.data.batches import decode_batch, fetch_bytes
+from dml_ray.io.tables import committed_files, read_table, table_uri
+from dml_ray.metrics.retrieval import evaluate_retrieval
+from dml_ray.models.embedding import build_model
+from pipelines.run import run_pipeline
+from tests.conftest import demo_like_config
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, tmp_path_factory):
+    cfg = demo_like_config(str(tmp_path_factory.mktemp("demo")))
+    summary = run_pipeline(cfg)
+    return cfg, summary
+
+
+def _recall_at_1(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
+    rows = evaluate_retrieval(embeddings, labels, ids, embeddings, labels, ids, [1], with_map_at_r=False,
+                              with_nmi=False)
+    return next(r["value"] for r in rows if r["metric"] == "recall")
+
+
+def test_every_stage_ran_and_committed(demo_run):
+    cfg, summary = demo_run
+    assert summary.ran == ["data", "train", "embed", "evaluate"]
+    images = read_table(table_uri(cfg.output_root, "t", "images"))
+    emb = read_table(table_uri(cfg.output_root, "t", "embeddings"))
+    errors = read_table(table_uri(cfg.output_root, "t", "errors"))
+    assert emb.num_rows == images.num_rows - errors.num_rows
+    ids = emb.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) <= set(images.column("image_id").to_pylist())
+    assert emb.schema.field("embedding").type.list_size == cfg.model.embedding_dim
+    norms = np.linalg.norm(np.stack(emb.column("embedding").to_numpy(zero_copy_only=False)), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    metrics = {(r["metric"], r["k"]): r["value"] for r in summary.metrics.to_pylist()}
+    assert {("recall", 1), ("recall", 8), ("map_at_r", None), ("nmi", None)} <= set(metrics)
+    train = read_table(table_uri(cfg.output_root, "t", "metrics", "train")).to_pylist()
+    assert sorted(r["k"] for r in train if r["metric"] == "loss") == list(range(cfg.train.epochs))
+
+
+def test_training_beats_random_initialisation(demo_run):
+    cfg, summary = demo_run
+    trained = next(r["value"] for r in summary.metrics.to_pylist() if r["metric"] == "recall" and r["k"] == 1)
+    images = read_table(table_uri(cfg.output_root, "t", "images"))
+    test = images.filter(pc.equal(images.column("split"), "test"))
+    batch = decode_batch(fetch_bytes(test), cfg.data.resize, cfg.data.image_size)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.image_size).eval()
+    with torch.no_grad():
+        random_emb = model(torch.from_numpy(batch["image"])).embedding.numpy()
+    random_r1 = _recall_at_1(random_emb, batch["label"], batch["image_id"])
+    assert trained > random_r1 + 0.15, (trained, random_r1)
+
+
+def test_rerun_skips_committed_stages_and_changes_nothing(demo_run):
+    cfg, _ = demo_run
+    before = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in ("images", "embeddings", "metrics")}
+    again = run_pipeline(cfg)
+    assert again.ran == [] and again.skipped == ["data", "train", "embed", "evaluate"]
+    after = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in before}
+    assert before == after
+
+
+def test_query_cli_reads_committed_tables(demo_run, capsys):
+    cfg, _ = demo_run
+    sql = ("SELECT count(*) AS n, count(DISTINCT image_id) AS ids, "
+           "max(array_cosine_similarity(embedding::FLOAT[64], embedding::FLOAT[64])) AS self_sim FROM embeddings")
+    assert main(["query", "--root", cfg.output_root, "--format", "csv", sql]) == 0
+    n, ids, self_sim = capsys.readouterr().out.strip().splitlines()[-1].split(",")
+    assert int(n) == int(ids) > 0 and abs(float(self_sim) - 1.0) < 1e-5
