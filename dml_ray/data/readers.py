@@ -12,12 +12,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 
-import fsspec
 import pyarrow as pa
 from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 
+from dml_ray.io.fs import is_local, join, url_to_fs
 from dml_ray.io.schemas import BBOX_TYPE, IMAGES_SCHEMA, validate_images
 
 logger = logging.getLogger(__name__)
@@ -70,18 +69,13 @@ def open_root(root: str, storage_options: Optional[dict[str, Any]] = None) -> tu
     """The file system and the protocol-less path of the dataset root URI ``root``."""
     if not root:
         raise ValueError("dataset root is empty; set data.root to a local path or fsspec URI")
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs, path = url_to_fs(root, storage_options)
     return fs, path.rstrip("/") or path
-
-
-def join(base: str, *parts: str) -> str:
-    """``base`` and ``parts`` joined by '/', as fsspec paths are."""
-    return "/".join((base.rstrip("/"), *parts))
 
 
 def to_uri(fs: AbstractFileSystem, path: str) -> str:
     """The full URI of ``path`` on ``fs``: an absolute path for local files, ``proto://...`` otherwise."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def read_text(fs: AbstractFileSystem, path: str) -> str:
