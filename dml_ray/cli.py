@@ -46,6 +46,8 @@ def _run(config_path: str, overrides: dict[str, Any]) -> int:
     _print_metrics(summary)
     print(f"\nrun {summary.run_id}: ran {summary.ran or 'nothing'}, skipped {summary.skipped or 'nothing'}")
     print(f"outputs: {summary.run_uri}")
+    if summary.figure:
+        print(f"figure: {summary.figure}")
     print(f"query them: dml-ray query --root {cfg.output_root} \"SELECT * FROM metrics\"")
     return 0
 

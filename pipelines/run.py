@@ -17,6 +17,7 @@ from dml_ray.io.schemas import METRICS_SCHEMA
 from dml_ray.io.tables import (is_committed, read_table, set_latest, staging_uri, table_uri, update_manifest,
                                write_table)
 from dml_ray.models.checkpoint import versions
+from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
 from pipelines.evaluate import run_evaluate
 from pipelines.ray_env import ensure_ray
@@ -32,6 +33,7 @@ class RunSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     metrics: Optional[pa.Table] = None
+    figure: Optional[str] = None
 
 
 def _git_sha() -> Optional[str]:
@@ -132,5 +134,11 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
     metrics_uri = table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate")
     if is_committed(metrics_uri, so):
         summary.metrics = read_table(metrics_uri, so)
+        figure = join(summary.run_uri, "summary.png")
+        fs, path = url_to_fs(figure, so)
+        if not fs.exists(path):
+            png = run_summary_png(read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so), f"run {cfg.run_id}")
+            fs.pipe_file(path, png)
+        summary.figure = figure
     set_latest(cfg.output_root, cfg.run_id, so)
     return summary

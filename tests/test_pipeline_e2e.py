@@ -42,6 +42,8 @@ def test_every_stage_ran_and_committed(demo_run):
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     metrics = {(r["metric"], r["k"]): r["value"] for r in summary.metrics.to_pylist()}
     assert {("recall", 1), ("recall", 8), ("map_at_r", None), ("nmi", None)} <= set(metrics)
+    with open(summary.figure, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     train = read_table(table_uri(cfg.output_root, "t", "metrics", "train")).to_pylist()
     assert sorted(r["k"] for r in train if r["metric"] == "loss") == list(range(cfg.train.epochs))
 
