@@ -102,6 +102,9 @@ class EmbedConfig(Strict):
     use_gpu: bool = False
     splits: list[str] = Field(default_factory=lambda: ["train", "test", "query", "gallery"])
     max_error_fraction: float = Field(0.05, ge=0, le=1, description="above it the stage fails and commits nothing")
+    feature_maps: bool = Field(False, description="also store each image's feature map (fp16), GAP feature and "
+                                                  "head bias: every activation map is then computed without "
+                                                  "a second backbone pass")
 
 
 class EvaluateConfig(Strict):

@@ -1,6 +1,8 @@
 """Binomial deviance by hand, the loss/miner factory, and the 2-process gloo DistributedLossWrapper path."""
 from __future__ import annotations
 
+import datetime
+import gc
 import math
 import socket
 
@@ -187,7 +189,7 @@ def test_factory_passes_params_and_keeps_pml_defaults() -> None:
             LossConfig(name="triplet", params={"margn": 0.1}),
             "config.train.loss.params.margn: unknown parameter of TripletMarginLoss; expected one of: margin, swap",
         ),
-        (LossConfig(name="proxy_anchor", params={"num_classes": 3}), "config.train.loss.params.num_classes: unknown"),
+        (LossConfig(name="proxy_anchor", params={"num_classes": 3}), "config.train.loss.params.num_classes: set from"),
         (LossConfig(name="contrastive", params={"distance": "cosine"}), "config.train.loss.params.distance: unknown"),
         (LossConfig(name="binomial_deviance", params={"alpha": "two"}), "config.train.loss.params: BinomialDeviance"),
     ],
@@ -235,42 +237,54 @@ _DISTRIBUTED_CASES = [
 ]
 
 
+def _check_distributed_case(rank: int, world_size: int, name: str, miner_name: str | None) -> None:
+    """On this rank, the wrapped loss of the local slice equals world_size x the global-batch loss."""
+    gen = torch.Generator().manual_seed(0)
+    global_emb = torch.randn(8 * world_size, 6, generator=gen, dtype=torch.float64)
+    global_labels = torch.arange(4 * world_size).repeat_interleave(2)
+    local = slice(rank * 8, (rank + 1) * 8)
+    cfg = LossConfig(name=name, miner=miner_name)
+    torch.manual_seed(rank)  # proxies start different on each rank; DDP must sync them
+    loss, miner = build_loss(cfg, 4 * world_size, 6), build_miner(cfg)
+    wrapped, wrapped_miner = wrap_distributed(loss, miner)
+    assert isinstance(wrapped if name != "proxy_anchor" else wrapped.module, DistributedLossWrapper)
+
+    reference = build_loss(cfg, 4 * world_size, 6)
+    reference.load_state_dict(loss.state_dict())  # rank 0's proxies after DDP's broadcast
+    full = global_emb.clone().requires_grad_()
+    expected = reference(full, global_labels, None if miner is None else miner(full, global_labels))
+    expected.backward()
+
+    emb, labels = global_emb[local].clone().requires_grad_(), global_labels[local]
+    value = wrapped(emb, labels, None if wrapped_miner is None else wrapped_miner(emb, labels))
+    value.backward()
+    torch.testing.assert_close(value / world_size, expected, msg=f"{name} loss on rank {rank}")
+    torch.testing.assert_close(emb.grad, world_size * full.grad[local], msg=f"{name} grad on rank {rank}")
+    if name == "proxy_anchor":
+        gathered = [torch.empty_like(loss.proxies) for _ in range(world_size)]
+        dist.all_gather(gathered, loss.proxies.detach())
+        torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
+        torch.testing.assert_close(loss.proxies.grad, reference.proxies.grad)
+
+
 def _distributed_worker(rank: int, world_size: int, port: int) -> None:
-    """One rank: the wrapped loss on the local slice equals world_size x the loss over the global batch."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        global_emb = torch.randn(4 * world_size * 2, 6, generator=gen, dtype=torch.float64)
-        global_labels = torch.arange(4 * world_size).repeat_interleave(2)
-        local = slice(rank * 8, (rank + 1) * 8)
-        for name, miner_name in _DISTRIBUTED_CASES:
-            cfg = LossConfig(name=name, miner=miner_name)
-            torch.manual_seed(rank)  # proxies start different on each rank; DDP must sync them
-            loss, miner = build_loss(cfg, len(global_labels.unique()), 6), build_miner(cfg)
-            wrapped, wrapped_miner = wrap_distributed(loss, miner)
-            assert isinstance(wrapped if name != "proxy_anchor" else wrapped.module, DistributedLossWrapper)
-
-            reference = build_loss(cfg, len(global_labels.unique()), 6)
-            reference.load_state_dict(loss.state_dict())  # rank 0's proxies after DDP's broadcast
-            full = global_emb.clone().requires_grad_()
-            indices = None if miner is None else miner(full, global_labels)
-            expected = reference(full, global_labels, indices)
-            expected.backward()
-
-            emb = global_emb[local].clone().requires_grad_()
-            labels = global_labels[local]
-            indices = None if wrapped_miner is None else wrapped_miner(emb, labels)
-            value = wrapped(emb, labels, indices)
-            value.backward()
-            torch.testing.assert_close(value / world_size, expected, msg=f"{name} loss on rank {rank}")
-            torch.testing.assert_close(emb.grad, world_size * full.grad[local], msg=f"{name} grad on rank {rank}")
-            if name == "proxy_anchor":
-                gathered = [torch.empty_like(loss.proxies) for _ in range(world_size)]
-                dist.all_gather(gathered, loss.proxies.detach())
-                torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
-                torch.testing.assert_close(loss.proxies.grad, reference.proxies.grad)
-    finally:
-        dist.destroy_process_group()
+    """One rank of the gloo group: check every case, then tear the group down cleanly."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    for name, miner_name in _DISTRIBUTED_CASES:
+        _check_distributed_case(rank, world_size, name, miner_name)
+    # DDP keeps the process group alive: free it before destroying the group, or gloo's threads
+    # may outlive the interpreter and abort the process at exit. (A failed rank just raises, and
+    # mp.spawn terminates the others.)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -228,6 +228,25 @@ def test_parts_union_and_duckdb_views(so):
         con.close()
 
 
+def test_table_committed_by_another_process_is_seen(so, s3_endpoint):
+    """A long-lived reader (``dml-ray query``, a driver) sees tables another process commits later."""
+    import io
+
+    from dml_ray.io.tables import committed_tables, staging_uri, table_uri, write_table
+
+    out = f"s3://{BUCKET}/out"
+    write_table(pa.table({"a": [1]}), table_uri(out, "r1", "images"), staging_uri(out, "r1", "images"), so)
+    assert set(committed_tables(out, "r1", so)) == {"images"}
+    # another process (a Ray task, a second driver) commits "embeddings": plain S3 PUTs, marker last
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"a": [2]}), buf)
+    client.put_object(Bucket=BUCKET, Key="out/runs/r1/embeddings/part-00000.parquet", Body=buf.getvalue())
+    client.put_object(Bucket=BUCKET, Key="out/runs/r1/embeddings/_COMMITTED",
+                      Body=json.dumps({"files": ["part-00000.parquet"], "rows": 1}).encode())
+    assert set(committed_tables(out, "r1", so)) == {"images", "embeddings"}
+
+
 # ---- 3. checkpoints ----
 
 

@@ -9,8 +9,15 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def url_to_fs(uri: str, storage_options: Optional[dict] = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec file system of ``uri`` and the path inside it."""
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """The fsspec file system of ``uri`` and the path inside it.
+
+    Object stores get no listings cache: commit markers written by other processes must be seen.
+    """
+    options = dict(storage_options or {})
+    protocol = fsspec.core.split_protocol(uri)[0]
+    if protocol not in (None, "file", "local", "memory"):
+        options.setdefault("use_listings_cache", False)
+    return fsspec.core.url_to_fs(uri, **options)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

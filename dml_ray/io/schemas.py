@@ -68,6 +68,26 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
+def feature_maps_schema(channels: int, dim: int) -> pa.Schema:
+    """Schema of the ``feature_maps`` table: the last conv feature map A (fp16, C*H*W, C-major), its GAP
+    feature and the head's bias for this input, so any pair's maps need no second backbone pass."""
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("image_id", pa.string()),
+            ("label", pa.int64()),
+            ("split", pa.string()),
+            ("model_id", pa.string()),
+            ("channels", pa.int32()),
+            ("map_h", pa.int32()),
+            ("map_w", pa.int32()),
+            ("feature_map", pa.list_(pa.float16())),
+            ("gap_feature", pa.list_(pa.float32(), channels)),
+            ("bias", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
 def validate_images(table: pa.Table) -> pa.Table:
     """Cast ``table`` to IMAGES_SCHEMA, raising a one-line error naming what is wrong."""
     missing = [n for n in IMAGES_SCHEMA.names if n not in table.column_names]

@@ -73,7 +73,10 @@ def commit_table(staging: str, final: str, storage_options: Optional[dict] = Non
             raise TableExistsError(f"table already committed: {final}")
         fs.rm(join(dst, COMMIT_MARKER))
     files = _data_files(fs, src)
-    rows = sum(pq.ParquetFile(fs.open(f, "rb")).metadata.num_rows for f in files)
+    rows = 0
+    for f in files:
+        with fs.open(f, "rb") as handle:
+            rows += pq.ParquetFile(handle).metadata.num_rows
     if fs.exists(dst):
         log.warning("removing uncommitted leftovers at %s", final)
         fs.rm(dst, recursive=True)
@@ -120,7 +123,10 @@ def read_table(uri: str, storage_options: Optional[dict] = None, columns: Option
     fs, _ = url_to_fs(uri, storage_options)
     if not files:
         raise ValueError(f"committed table {uri} has no files")
-    tables = [pq.read_table(fs.open(f, "rb"), columns=columns) for f in files]
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as handle:
+            tables.append(pq.read_table(handle, columns=columns))
     return pa.concat_tables(tables, promote_options="permissive")
 
 

@@ -68,6 +68,8 @@ def _checked_params(cls: type, params: dict[str, Any], field: str, supplied: tup
         if name != "self" and parameter.kind in named and name not in supplied
     ]
     for key in params:
+        if key in supplied:
+            raise ConfigError(f"{_WHERE}.{field}.{key}: set from the data and the model; remove it")
         if key not in allowed:
             raise ConfigError(
                 f"{_WHERE}.{field}.{key}: unknown parameter of {cls.__name__}; "
@@ -145,7 +147,7 @@ def wrap_distributed(
     which works for CPU/gloo and single-GPU modules alike; it broadcasts rank 0's initial
     parameters), with a gradient hook dividing its parameters' gradients by the world size.
     Move the loss to its device before calling this; keep the unwrapped ``loss`` for
-    checkpoints.
+    checkpoints; drop the wrapped one before ``destroy_process_group`` (DDP holds the group).
 
     Returns:
         ``(loss, miner)`` unchanged when not distributed or the world size is 1, else the
