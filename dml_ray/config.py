@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
-Stage = Literal["data", "train", "embed", "evaluate"]
-ALL_STAGES: tuple[str, ...] = ("data", "train", "embed", "evaluate")
+Stage = Literal["data", "train", "embed", "evaluate", "explain"]
+MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam"]
 
 
 class Strict(BaseModel):
@@ -125,16 +125,36 @@ class EvaluateConfig(Strict):
         return ks
 
 
+class ExplainConfig(Strict):
+    methods: list[MapMethod] = Field(default_factory=lambda: ["decomposition", "decomposition_bias", "distcam"])
+    references: list[Literal["neighbor", "prototype"]] = Field(default_factory=lambda: ["neighbor", "prototype"],
+                                                               min_length=1)
+    splits: Optional[list[str]] = Field(None, description="explained splits; default: the evaluated ones")
+    pairs: list[tuple[str, str]] = Field(default_factory=list,
+                                         description="(query id, reference id) pairs whose point-to-point tensors "
+                                                     "are stored (method point_to_point)")
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)
+
+
 class RunConfig(Strict):
     output_root: str = "dml_ray_out"
     run_id: str = Field(default_factory=lambda: _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    stages: list[Stage] = Field(default_factory=lambda: list(ALL_STAGES))
+    stages: list[Stage] = Field(default_factory=lambda: ["data", "train", "embed", "evaluate"],
+                                description="explain is opt-in: it needs embed.feature_maps")
     num_threads: int = Field(1, ge=1, description="torch threads per worker / actor / task")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     embed: EmbedConfig = EmbedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    explain: ExplainConfig = ExplainConfig()
+
+    @model_validator(mode="after")
+    def _explain_needs_feature_maps(self) -> "RunConfig":
+        if "explain" in self.stages and not self.embed.feature_maps:
+            raise ValueError("the explain stage needs embed.feature_maps: true")
+        return self
 
 
 class ConfigError(ValueError):

@@ -53,15 +53,21 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
+# the key columns of every per-image, per-model table
+_IMAGE_MODEL_KEYS = [
+    ("run_id", pa.string()),
+    ("image_id", pa.string()),
+    ("label", pa.int64()),
+    ("split", pa.string()),
+    ("model_id", pa.string()),
+]
+
+
 def embeddings_schema(dim: int) -> pa.Schema:
     """Schema of the ``embeddings`` table for embeddings of dimension ``dim``."""
     return pa.schema(
         [
-            ("run_id", pa.string()),
-            ("image_id", pa.string()),
-            ("label", pa.int64()),
-            ("split", pa.string()),
-            ("model_id", pa.string()),
+            *_IMAGE_MODEL_KEYS,
             ("embedding", embedding_type(dim)),
             ("norm", pa.float32()),
         ]
@@ -73,11 +79,7 @@ def feature_maps_schema(channels: int, dim: int) -> pa.Schema:
     feature and the head's bias for this input, so any pair's maps need no second backbone pass."""
     return pa.schema(
         [
-            ("run_id", pa.string()),
-            ("image_id", pa.string()),
-            ("label", pa.int64()),
-            ("split", pa.string()),
-            ("model_id", pa.string()),
+            *_IMAGE_MODEL_KEYS,
             ("channels", pa.int32()),
             ("map_h", pa.int32()),
             ("map_w", pa.int32()),
