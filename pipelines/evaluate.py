@@ -39,6 +39,14 @@ def evaluation_pairs(splits: list[str]) -> list[tuple[str, str, str]]:
     return [(s, s, s) for s in splits]
 
 
+def evaluated_splits(embeddings: pa.Table, cfg: EvaluateConfig) -> list[str]:
+    """The configured splits, else the protocol's: query and gallery when present (In-Shop), else test."""
+    if cfg.splits:
+        return list(cfg.splits)
+    present = set(embeddings.column("split").unique().to_pylist())
+    return ["query", "gallery"] if {"query", "gallery"} <= present else ["test"]
+
+
 def evaluate_split(query: pa.Table, db: pa.Table, ks: list[int], cfg: EvaluateConfig,
                    num_threads: int = 1) -> list[dict]:
     """Recall@K, MAP@R and NMI of ``query`` against ``db``, queries sharded over Ray tasks."""
@@ -64,10 +72,8 @@ def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_i
                  splits: Optional[list[str]] = None, num_threads: int = 1) -> pa.Table:
     """Evaluate every configured split of an embeddings table; returns ``metrics`` rows."""
     start = time.perf_counter()
-    present = set(embeddings.column("split").unique().to_pylist())
-    default = ["query", "gallery"] if {"query", "gallery"} <= present else ["test"]
     rows = []
-    for name, q_split, d_split in evaluation_pairs(splits or cfg.splits or default):
+    for name, q_split, d_split in evaluation_pairs(splits or evaluated_splits(embeddings, cfg)):
         query = embeddings.filter(pc.equal(embeddings.column("split"), q_split))
         db = embeddings.filter(pc.equal(embeddings.column("split"), d_split))
         if query.num_rows == 0 or db.num_rows < 2:

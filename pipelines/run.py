@@ -19,7 +19,8 @@ from dml_ray.io.tables import (is_committed, read_table, set_latest, staging_uri
 from dml_ray.models.checkpoint import versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
-from pipelines.evaluate import run_evaluate
+from pipelines.evaluate import evaluated_splits, run_evaluate
+from pipelines.explain import run_explain
 from pipelines.ray_env import ensure_ray
 from pipelines.train import model_uri, run_train
 
@@ -92,6 +93,14 @@ def _stage_evaluate(cfg: RunConfig) -> dict:
     return {"rows": metrics.num_rows}
 
 
+def _stage_explain(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    splits = cfg.explain.splits or evaluated_splits(read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"),
+                                                               so, columns=["split"]), cfg.evaluate)
+    result = run_explain(_checkpoint(cfg), cfg.output_root, cfg.run_id, cfg.explain, splits, cfg.num_threads, so)
+    return {"rows": result.rows}
+
+
 def _checkpoint(cfg: RunConfig) -> str:
     """The model the run embeds with: its own trained one, else ``model.weights`` when that is a file."""
     own = model_uri(cfg.output_root, cfg.run_id)
@@ -109,6 +118,7 @@ STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], str]]
     "train": (_stage_train, lambda c: table_uri(c.output_root, c.run_id, "metrics", "train")),
     "embed": (_stage_embed, lambda c: table_uri(c.output_root, c.run_id, "embeddings")),
     "evaluate": (_stage_evaluate, lambda c: table_uri(c.output_root, c.run_id, "metrics", "evaluate")),
+    "explain": (_stage_explain, lambda c: table_uri(c.output_root, c.run_id, "activation_maps")),
 }
 
 

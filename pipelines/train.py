@@ -1,6 +1,7 @@
 """Training on Ray Train: DDP workers, rank-aware P x K batches, a checkpoint every epoch, resume on failure."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -118,6 +119,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(folder)
                 log.info("epoch %d: loss %.4f, %.1f images/s", epoch, record["loss"], record["images_per_s"])
             ray.train.report(record, checkpoint=ckpt)
+    # DDP wrappers hold the process group: free them before Ray Train destroys it
+    del ddp_model, dist_loss, dist_miner
+    gc.collect()
 
 
 def _initial_model(cfg: RunConfig) -> torch.nn.Module:

@@ -8,6 +8,7 @@ import torch
 
 from dml_ray.cli import main
 from dml_ray.data.batches import decode_batch, fetch_bytes
+from dml_ray.io.schemas import embeddings_schema
 from dml_ray.io.tables import committed_files, read_table, table_uri
 from dml_ray.metrics.retrieval import evaluate_retrieval
 from dml_ray.models.embedding import build_model
@@ -30,14 +31,14 @@ def _recall_at_1(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray) ->
 
 def test_every_stage_ran_and_committed(demo_run):
     cfg, summary = demo_run
-    assert summary.ran == ["data", "train", "embed", "evaluate"]
+    assert summary.ran == ["data", "train", "embed", "evaluate", "explain"]
     images = read_table(table_uri(cfg.output_root, "t", "images"))
     emb = read_table(table_uri(cfg.output_root, "t", "embeddings"))
     errors = read_table(table_uri(cfg.output_root, "t", "errors"))
     assert emb.num_rows == images.num_rows - errors.num_rows
     ids = emb.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) and set(ids) <= set(images.column("image_id").to_pylist())
-    assert emb.schema.field("embedding").type.list_size == cfg.model.embedding_dim
+    assert emb.schema.remove_metadata().equals(embeddings_schema(cfg.model.embedding_dim))
     norms = np.linalg.norm(np.stack(emb.column("embedding").to_numpy(zero_copy_only=False)), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     metrics = {(r["metric"], r["k"]): r["value"] for r in summary.metrics.to_pylist()}
@@ -64,9 +65,10 @@ def test_training_beats_random_initialisation(demo_run):
 
 def test_rerun_skips_committed_stages_and_changes_nothing(demo_run):
     cfg, _ = demo_run
-    before = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in ("images", "embeddings", "metrics")}
+    tables = ("images", "embeddings", "metrics", "feature_maps", "prototypes", "activation_maps")
+    before = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in tables}
     again = run_pipeline(cfg)
-    assert again.ran == [] and again.skipped == ["data", "train", "embed", "evaluate"]
+    assert again.ran == [] and again.skipped == ["data", "train", "embed", "evaluate", "explain"]
     after = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in before}
     assert before == after
 
@@ -78,3 +80,37 @@ def test_query_cli_reads_committed_tables(demo_run, capsys):
     assert main(["query", "--root", cfg.output_root, "--format", "csv", sql]) == 0
     n, ids, self_sim = capsys.readouterr().out.strip().splitlines()[-1].split(",")
     assert int(n) == int(ids) > 0 and abs(float(self_sim) - 1.0) < 1e-5
+
+
+def test_activation_maps_one_row_per_image_reference_and_method(demo_run):
+    cfg, _ = demo_run
+    images = read_table(table_uri(cfg.output_root, "t", "images"))
+    n_test = pc.sum(pc.equal(images.column("split"), "test")).as_py()
+    maps = read_table(table_uri(cfg.output_root, "t", "activation_maps"))
+    keys = list(zip(*(maps.column(c).to_pylist() for c in ("image_id", "reference_kind", "method"))))
+    assert len(keys) == len(set(keys)) == n_test * len(cfg.explain.references) * len(cfg.explain.methods)
+    h, w = maps.column("map_h")[0].as_py(), maps.column("map_w")[0].as_py()
+    assert pc.all(pc.equal(pc.list_value_length(maps.column("map")), h * w)).as_py()
+    neighbors = maps.filter(pc.equal(maps.column("reference_kind"), "neighbor"))
+    assert not set(zip(neighbors.column("image_id").to_pylist(), neighbors.column("reference_id").to_pylist())) & {
+        (i, i) for i in neighbors.column("image_id").to_pylist()}
+    protos = read_table(table_uri(cfg.output_root, "t", "prototypes"))
+    assert set(protos.column("split").to_pylist()) == {"train", "test"}
+
+
+def test_point_to_point_pairs_sum_to_the_stored_decomposition(demo_run):
+    from pipelines.explain import pair_rows
+    from pipelines.train import model_uri
+
+    cfg, _ = demo_run
+    maps = read_table(table_uri(cfg.output_root, "t", "activation_maps"))
+    decomposition = maps.filter(pc.and_(pc.equal(maps.column("method"), "decomposition"),
+                                        pc.equal(maps.column("reference_kind"), "neighbor"))).slice(0, 3).to_pylist()
+    pairs = [(r["image_id"], r["reference_id"]) for r in decomposition]
+    features = read_table(table_uri(cfg.output_root, "t", "feature_maps"))
+    p2p = pair_rows(model_uri(cfg.output_root, "t"), features, pairs, "t").to_pylist()
+    for row, ref in zip(p2p, decomposition):
+        h, w = row["map_h"], row["map_w"]
+        p = np.asarray(row["map"]).reshape(h, w, h, w)
+        np.testing.assert_allclose(p.sum(axis=(2, 3)).reshape(-1), ref["map"], rtol=1e-4, atol=1e-6)
+        assert abs(row["score"] - ref["score"]) < 1e-5

@@ -90,6 +90,21 @@ def feature_maps_schema(channels: int, dim: int) -> pa.Schema:
     )
 
 
+ACTIVATION_MAPS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("reference_id", pa.string()),
+        ("reference_kind", pa.string()),
+        ("method", pa.string()),
+        ("map_h", pa.int32()),
+        ("map_w", pa.int32()),
+        ("map", pa.list_(pa.float32())),
+        ("score", pa.float32()),
+    ]
+)
+
+
 def validate_images(table: pa.Table) -> pa.Table:
     """Cast ``table`` to IMAGES_SCHEMA, raising a one-line error naming what is wrong."""
     missing = [n for n in IMAGES_SCHEMA.names if n not in table.column_names]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from dml_ray.explain.distcam import class_prototypes as mean_per_class
 from dml_ray.io.schemas import embedding_type
 
 
@@ -18,12 +20,11 @@ def class_prototypes(labels: np.ndarray, gap_features: np.ndarray, embeddings: n
     """The ``prototypes`` table: per label, mean GAP feature, mean (normalised) embedding, mean raw embedding
     and mean head bias (so that a prototype is a valid decomposition reference: mean raw = mean sum e + mean bias),
     and the number of samples."""
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    classes, counts = np.unique(labels, return_counts=True)
+    label_tensor = torch.from_numpy(np.asarray(labels))
 
     def means(x: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(classes), x.shape[1]), dtype=np.float64)
-        np.add.at(out, inverse, x)
-        return (out / counts[:, None]).astype(np.float32)
+        return mean_per_class(torch.from_numpy(x).double(), label_tensor)[1].float().numpy()
 
     def column(x: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])

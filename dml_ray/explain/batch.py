@@ -1,0 +1,47 @@
+"""Every configured map for a batch of (image, reference) pairs, from stored feature maps and the head alone.
+
+References arrive as vectors (raw embedding E^r, head bias B^r, GAP feature), so no reference image
+is ever run through the network again (DESIGN.md "The one invariant behind every activation map").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dml_ray.explain.decomposition import decomposition_bias_map, decomposition_map
+from dml_ray.explain.distcam import dist_cam
+from dml_ray.explain.gradcam import grad_cam, pair_scores, rgrad_cam, similarity_gradients
+
+GRADIENT_METHODS = {"gradcam": ("cosine", grad_cam), "gradcam_nonorm": ("dot", grad_cam),
+                    "rgradcam": ("cosine", rgrad_cam)}
+
+
+def reference_maps(head: nn.Module, feature_map_q: torch.Tensor, raw_r: torch.Tensor, bias_r: torch.Tensor,
+                   gap_r: torch.Tensor, methods: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Maps (B x H x W per method) of the query images against their references, and the pairs' cosines.
+
+    decomposition / decomposition_bias: activation-decomposition-tip2021 Eq. 5 summed over the reference;
+    distcam: dist-cam Eq. 4-6 against ``gap_r``; gradcam, gradcam_nonorm, rgradcam: Sec. V through one
+    backward of the head for the whole batch.
+    """
+    with torch.no_grad():
+        e_q, bias_q = head.equivalent_features(feature_map_q)
+        raw_q = e_q.sum(dim=(1, 2)) + bias_q
+        scores = pair_scores(raw_q, raw_r, "cosine")
+    maps: dict[str, torch.Tensor] = {}
+    for method in methods:
+        if method == "decomposition":
+            maps[method] = decomposition_map(e_q, raw_q, raw_r, bias_r)
+        elif method == "decomposition_bias":
+            maps[method] = decomposition_bias_map(e_q, raw_q, raw_r)
+        elif method == "distcam":
+            maps[method] = dist_cam(feature_map_q, gap_r)
+        elif method in GRADIENT_METHODS:
+            score, combine = GRADIENT_METHODS[method]
+            grads = similarity_gradients(head, feature_map_q, raw_r=raw_r, score=score)
+            maps[method] = combine(feature_map_q, grads.query)
+        else:
+            raise ValueError(f"explain.methods: unknown method {method!r}")
+    return {k: v.detach() for k, v in maps.items()}, scores

@@ -1,0 +1,224 @@
+"""Dataset-scale activation maps on Ray Data: stored feature maps + reference vectors -> activation_maps.
+
+Each image of the explained splits is paired with its nearest gallery neighbour (itself excluded)
+and/or its nearest class prototype. References are joined in as vectors (raw embedding, head bias,
+GAP feature), so no backbone runs in this stage: the maps are einsums over the stored feature maps
+and, for the Grad-CAM family, one backward through the head.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from dml_ray.config import ExplainConfig
+from dml_ray.explain.batch import reference_maps
+from dml_ray.explain.decomposition import point_to_point_map
+from dml_ray.explain.distcam import nearest_prototype
+from dml_ray.io.fs import pyarrow_fs
+from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
+from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri, write_table
+from dml_ray.models.checkpoint import load_checkpoint
+from dml_ray.retrieval.prototypes import class_prototypes, fixed_list_to_numpy
+from dml_ray.retrieval.search import search_excluding_self
+
+log = logging.getLogger(__name__)
+
+SMALL_FEATURE_COLUMNS = ["image_id", "label", "split", "model_id", "gap_feature", "bias"]
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    rows: int
+    seconds: float
+    activation_maps_uri: str
+    prototypes_uri: str
+
+
+def _raw(embeddings: pa.Table) -> np.ndarray:
+    return fixed_list_to_numpy(embeddings.column("embedding")) * embeddings.column("norm").to_numpy()[:, None]
+
+
+def build_prototypes(embeddings: pa.Table, features: pa.Table, run_id: str, splits: list[str]) -> pa.Table:
+    """The ``prototypes`` table (dist-cam Eq. 7): per split and class, over the train split and each explained split.
+
+    Zero-shot splits hold classes the train split never saw, so an image's prototype reference is taken from
+    its own split's prototypes (the mean over that class's images there, as Dist-CAM's support set).
+    """
+    parts = []
+    for split in dict.fromkeys(["train", *splits]):
+        rows = embeddings.filter(pc.equal(embeddings.column("split"), split))
+        if rows.num_rows == 0:
+            raise ValueError(f"explain: no {split!r} embeddings to build class prototypes from (embed.splits)")
+        feats = _aligned(features, rows.column("image_id"))
+        table = class_prototypes(rows.column("label").to_numpy(), fixed_list_to_numpy(feats.column("gap_feature")),
+                                 fixed_list_to_numpy(rows.column("embedding")), _raw(rows),
+                                 fixed_list_to_numpy(feats.column("bias")), rows.column("model_id")[0].as_py(), run_id)
+        parts.append(table.add_column(1, "split", pa.array([split] * table.num_rows, pa.string())))
+    return pa.concat_tables(parts)
+
+
+def _aligned(table: pa.Table, image_ids: pa.ChunkedArray) -> pa.Table:
+    """Rows of ``table`` in the order of ``image_ids`` (every id must be present)."""
+    index = pc.index_in(image_ids, value_set=table.column("image_id").combine_chunks())
+    if index.null_count:
+        raise ValueError("explain: some embedded images have no stored feature map")
+    return table.take(index)
+
+
+def build_references(embeddings: pa.Table, features: pa.Table, prototypes: pa.Table, splits: list[str],
+                     kinds: list[str]) -> pa.Table:
+    """One row per (image, reference): reference id and kind, and its raw embedding, bias and GAP feature."""
+    parts = []
+    for split in splits:
+        q = embeddings.filter(pc.equal(embeddings.column("split"), split))
+        # In-Shop queries search the gallery; every other split searches itself
+        g = embeddings.filter(pc.equal(embeddings.column("split"), "gallery" if split == "query" else split))
+        if q.num_rows == 0 or g.num_rows < 2:
+            raise ValueError(f"explain: split {split!r} has too few embeddings")
+        ids = np.asarray(q.column("image_id").to_pylist(), dtype=object)
+        gap = fixed_list_to_numpy(_aligned(features, q.column("image_id")).column("gap_feature"))
+        if "neighbor" in kinds:
+            g_ids = np.asarray(g.column("image_id").to_pylist(), dtype=object)
+            g_feats = _aligned(features, g.column("image_id"))
+            _, idx = search_excluding_self(fixed_list_to_numpy(q.column("embedding")), ids,
+                                           fixed_list_to_numpy(g.column("embedding")), g_ids, 1)
+            nn_idx = idx[:, 0]
+            parts.append(_reference_rows(ids, g_ids[nn_idx], "neighbor", _raw(g)[nn_idx],
+                                         fixed_list_to_numpy(g_feats.column("bias"))[nn_idx],
+                                         fixed_list_to_numpy(g_feats.column("gap_feature"))[nn_idx]))
+        if "prototype" in kinds:
+            own = prototypes.filter(pc.equal(prototypes.column("split"), "gallery" if split == "query" else split))
+            proto_gap = fixed_list_to_numpy(own.column("gap_feature"))
+            nearest, _ = nearest_prototype(torch.from_numpy(gap), torch.from_numpy(proto_gap))
+            p = nearest.numpy()
+            labels = own.column("label").to_numpy()[p]
+            parts.append(_reference_rows(ids, np.array([f"prototype:{x}" for x in labels], dtype=object), "prototype",
+                                         fixed_list_to_numpy(own.column("raw_embedding"))[p],
+                                         fixed_list_to_numpy(own.column("bias"))[p], proto_gap[p]))
+    return pa.concat_tables(parts)
+
+
+def _reference_rows(ids, ref_ids, kind, raw, bias, gap) -> pa.Table:
+    def col(x):
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
+    return pa.table({"image_id": pa.array(list(ids), pa.string()), "reference_id": pa.array(list(ref_ids), pa.string()),
+                     "reference_kind": pa.array([kind] * len(ids), pa.string()),
+                     "ref_raw": col(raw), "ref_bias": col(bias), "ref_gap": col(gap)})
+
+
+def feature_map_tensor(rows: pa.Table) -> torch.Tensor:
+    """The stored fp16 feature maps of ``rows`` as one float32 N x C x H x W tensor."""
+    c, h, w = (rows.column(n)[0].as_py() for n in ("channels", "map_h", "map_w"))
+    flat = rows.column("feature_map").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(flat.astype(np.float32).reshape(rows.num_rows, c, h, w))
+
+
+class MapMaker:
+    """Ray Data actor: stored feature maps of a batch -> activation-map rows for each of their references."""
+
+    def __init__(self, checkpoint_uri: str, references: pa.Table, methods: list[str], run_id: str,
+                 num_threads: int = 1, storage_options: Optional[dict] = None) -> None:
+        torch.set_num_threads(num_threads)
+        self.head = load_checkpoint(checkpoint_uri, storage_options).model.head.eval()
+        self.methods, self.run_id = methods, run_id
+        self.references = references
+        self.ref_ids = references.column("image_id").combine_chunks()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch_ids = batch.column("image_id").combine_chunks()
+        refs = self.references.filter(pc.is_in(self.ref_ids, value_set=batch_ids))
+        if refs.num_rows == 0:
+            return ACTIVATION_MAPS_SCHEMA.empty_table()
+        a = feature_map_tensor(batch)
+        h, w = a.shape[2:]
+        q_index = torch.from_numpy(pc.index_in(refs.column("image_id"), value_set=batch_ids).to_numpy())
+        maps, scores = reference_maps(
+            self.head, a[q_index],
+            torch.from_numpy(fixed_list_to_numpy(refs.column("ref_raw"))),
+            torch.from_numpy(fixed_list_to_numpy(refs.column("ref_bias"))),
+            torch.from_numpy(fixed_list_to_numpy(refs.column("ref_gap"))), self.methods)
+        n = refs.num_rows
+        out = []
+        for method, m in maps.items():
+            out.append(pa.table({
+                "run_id": pa.array([self.run_id] * n, pa.string()),
+                "image_id": refs.column("image_id"), "reference_id": refs.column("reference_id"),
+                "reference_kind": refs.column("reference_kind"), "method": pa.array([method] * n, pa.string()),
+                "map_h": pa.array(np.full(n, h, np.int32)), "map_w": pa.array(np.full(n, w, np.int32)),
+                "map": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * h * w),
+                                                pa.array(m.float().numpy().reshape(-1), pa.float32())),
+                "score": pa.array(scores.float().numpy(), pa.float32()),
+            }, schema=ACTIVATION_MAPS_SCHEMA))
+        return pa.concat_tables(out)
+
+
+def pair_rows(checkpoint_uri: str, features: pa.Table, pairs: list[tuple[str, str]], run_id: str,
+              storage_options: Optional[dict] = None) -> pa.Table:
+    """Point-to-point tensors P[i,j,x,y] (activation-decomposition-tip2021 Eq. 5) of an explicit list of pairs."""
+    head = load_checkpoint(checkpoint_uri, storage_options).model.head.eval()
+    ids = [i for pair in pairs for i in pair]
+    known = set(features.column("image_id").to_pylist())
+    missing = sorted(set(ids) - known)
+    if missing:
+        raise ValueError(f"explain.pairs: unknown image ids {missing[:3]}")
+    a = feature_map_tensor(_aligned(features, pa.chunked_array([pa.array(ids, pa.string())])))
+    h, w = a.shape[2:]
+    with torch.no_grad():
+        e, bias = head.equivalent_features(a)
+        raw = e.sum(dim=(1, 2)) + bias
+        p = point_to_point_map(e[0::2], e[1::2], raw[0::2], raw[1::2])
+        score = torch.nn.functional.cosine_similarity(raw[0::2], raw[1::2])
+    n = len(pairs)
+    return pa.table({
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "image_id": pa.array([q for q, _ in pairs], pa.string()),
+        "reference_id": pa.array([r for _, r in pairs], pa.string()),
+        "reference_kind": pa.array(["pair"] * n, pa.string()),
+        "method": pa.array(["point_to_point"] * n, pa.string()),
+        "map_h": pa.array(np.full(n, h, np.int32)), "map_w": pa.array(np.full(n, w, np.int32)),
+        "map": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * h * w * h * w),
+                                        pa.array(p.float().numpy().reshape(-1), pa.float32())),
+        "score": pa.array(score.float().numpy(), pa.float32()),
+    }, schema=ACTIVATION_MAPS_SCHEMA)
+
+
+def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: ExplainConfig, splits: list[str],
+                num_threads: int = 1, storage_options: Optional[dict] = None) -> ExplainResult:
+    """Commit ``prototypes`` and ``activation_maps`` (one row per image, reference and method)."""
+    start = time.perf_counter()
+    so = storage_options
+    embeddings = read_table(table_uri(output_root, run_id, "embeddings"), so)
+    fm_uri = table_uri(output_root, run_id, "feature_maps")
+    features = read_table(fm_uri, so, columns=SMALL_FEATURE_COLUMNS)
+    prototypes = build_prototypes(embeddings, features, run_id, splits)
+    proto_uri = table_uri(output_root, run_id, "prototypes")
+    write_table(prototypes, proto_uri, staging_uri(output_root, run_id, "prototypes"), so, replace=True)
+    references = build_references(embeddings, features, prototypes, splits, cfg.references)
+    fs, _ = pyarrow_fs(fm_uri, so)
+    ds = ray.data.read_parquet(committed_files(fm_uri, so), filesystem=fs)
+    ds = ds.map_batches(
+        MapMaker, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "references": references,
+                                         "methods": list(cfg.methods), "run_id": run_id,
+                                         "num_threads": num_threads, "storage_options": so},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
+    staging = staging_uri(output_root, run_id, "activation_maps")
+    sfs, spath = pyarrow_fs(staging, so)
+    ds.write_parquet(spath, filesystem=sfs)
+    if cfg.pairs:
+        full = read_table(fm_uri, so)
+        pq.write_table(pair_rows(checkpoint_uri, full, cfg.pairs, run_id, so), f"{spath}/pairs.parquet",
+                       filesystem=sfs)
+    marker = commit_table(staging, table_uri(output_root, run_id, "activation_maps"), so)
+    seconds = time.perf_counter() - start
+    log.info("explain: %d activation-map rows in %.1f s", marker["rows"], seconds)
+    return ExplainResult(marker["rows"], seconds, table_uri(output_root, run_id, "activation_maps"), proto_uri)
