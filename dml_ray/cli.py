@@ -89,6 +89,37 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dml_ray.data.transforms import decode_image, display_view, eval_transform
+    from dml_ray.explain.pair import explain_pair
+    from dml_ray.io.fs import url_to_fs
+    from dml_ray.models.checkpoint import load_checkpoint
+    from dml_ray.report.overlays import pair_figure
+
+    loaded = load_checkpoint(args.checkpoint)
+    size = loaded.image_size
+    resize = int(loaded.extra.get("resize", size))
+    transform = eval_transform(resize, size)
+    images, views = [], []
+    for uri in (args.query, args.reference):
+        fs, path = url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            image = decode_image(f.read())
+        images.append(transform(image))
+        views.append(display_view(image, resize, size).numpy())
+    methods = args.methods.split(",")
+    arrays = explain_pair(loaded.model, images[0], images[1], methods)
+    with open(args.out, "wb") as f:
+        f.write(pair_figure(views[0], views[1], arrays, methods))
+    print(f"figure: {args.out} (cosine similarity {float(arrays['cosine']):.4f})")
+    if args.save_arrays:
+        np.savez_compressed(args.save_arrays, **arrays)
+        print(f"arrays: {args.save_arrays} ({', '.join(sorted(arrays))})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dml-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -114,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("explain", help="activation maps of one image pair, every method side by side")
+    p.add_argument("--checkpoint", required=True, help="a model checkpoint (runs/<run>/model/model.pt)")
+    p.add_argument("--query", required=True, help="query image (path or URI)")
+    p.add_argument("--reference", required=True, help="reference image (path or URI)")
+    p.add_argument("--out", required=True, help="PNG figure to write")
+    p.add_argument("--save-arrays", help="also write the raw arrays to this .npz file")
+    p.add_argument("--methods", default="decomposition,decomposition_bias,distcam,gradcam,gradcam_nonorm,rgradcam")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run")
     p.add_argument("sql")

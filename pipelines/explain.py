@@ -19,14 +19,16 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from dml_ray.config import ExplainConfig
+from dml_ray.config import DataConfig, ExplainConfig
+from dml_ray.data.transforms import decode_image, display_view
 from dml_ray.explain.batch import reference_maps
 from dml_ray.explain.decomposition import point_to_point_map
 from dml_ray.explain.distcam import nearest_prototype
-from dml_ray.io.fs import pyarrow_fs
+from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
 from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri, write_table
 from dml_ray.models.checkpoint import load_checkpoint
+from dml_ray.report.overlays import gallery_figure
 from dml_ray.retrieval.prototypes import class_prototypes, fixed_list_to_numpy
 from dml_ray.retrieval.search import search_excluding_self
 
@@ -222,3 +224,23 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
     seconds = time.perf_counter() - start
     log.info("explain: %d activation-map rows in %.1f s", marker["rows"], seconds)
     return ExplainResult(marker["rows"], seconds, table_uri(output_root, run_id, "activation_maps"), proto_uri)
+
+
+def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data: DataConfig, n: int = 6,
+                     seed: int = 0, kind: str = "neighbor") -> bytes:
+    """PNG gallery: ``n`` sampled explained images (model-input frame), each method's map against its ``kind``
+    reference overlaid."""
+    maps = maps.filter(pc.equal(maps.column("reference_kind"), kind))
+    ids = sorted(set(maps.column("image_id").to_pylist()))
+    chosen = [ids[i] for i in np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)]
+    rows = images.filter(pc.is_in(images.column("image_id"), pa.array(chosen)))
+    uris = dict(zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()))
+    views, per_image = [], []
+    for image_id in chosen:
+        fs, path = url_to_fs(uris[image_id], data.storage_options or None)
+        with fs.open(path, "rb") as f:
+            views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
+        mine = maps.filter(pc.equal(maps.column("image_id"), image_id)).to_pylist()
+        per_image.append({r["method"]: np.asarray(r["map"], np.float32).reshape(r["map_h"], r["map_w"]) for r in mine})
+    titles = [i.rsplit("/", 1)[-1][-26:] for i in chosen]
+    return gallery_figure(views, per_image, methods, titles)

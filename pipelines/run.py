@@ -14,13 +14,13 @@ from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join, url_to_fs
 from dml_ray.io.schemas import METRICS_SCHEMA
-from dml_ray.io.tables import (is_committed, read_table, set_latest, staging_uri, table_uri, update_manifest,
-                               write_table)
+from dml_ray.io.tables import (is_committed, read_table, run_uri, set_latest, staging_uri, table_uri,
+                               update_manifest, write_table)
 from dml_ray.models.checkpoint import versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
 from pipelines.evaluate import evaluated_splits, run_evaluate
-from pipelines.explain import run_explain
+from pipelines.explain import maps_gallery_png, run_explain
 from pipelines.ray_env import ensure_ray
 from pipelines.train import model_uri, run_train
 
@@ -98,7 +98,12 @@ def _stage_explain(cfg: RunConfig) -> dict:
     splits = cfg.explain.splits or evaluated_splits(read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"),
                                                                so, columns=["split"]), cfg.evaluate)
     result = run_explain(_checkpoint(cfg), cfg.output_root, cfg.run_id, cfg.explain, splits, cfg.num_threads, so)
-    return {"rows": result.rows}
+    figure = join(run_uri(cfg.output_root, cfg.run_id), "explain_gallery.png")
+    fs, path = url_to_fs(figure, so)
+    images = read_table(table_uri(cfg.output_root, cfg.run_id, "images"), so)
+    maps = read_table(result.activation_maps_uri, so)
+    fs.pipe_file(path, maps_gallery_png(images, maps, cfg.explain.methods, cfg.data, seed=cfg.evaluate.seed))
+    return {"rows": result.rows, "gallery": figure}
 
 
 def _checkpoint(cfg: RunConfig) -> str:

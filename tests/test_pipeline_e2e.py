@@ -114,3 +114,28 @@ def test_point_to_point_pairs_sum_to_the_stored_decomposition(demo_run):
         p = np.asarray(row["map"]).reshape(h, w, h, w)
         np.testing.assert_allclose(p.sum(axis=(2, 3)).reshape(-1), ref["map"], rtol=1e-4, atol=1e-6)
         assert abs(row["score"] - ref["score"]) < 1e-5
+
+
+def test_explain_cli_draws_the_pair_figure_and_saves_arrays(demo_run, tmp_path, capsys):
+    from pipelines.train import model_uri
+
+    cfg, _ = demo_run
+    images = read_table(table_uri(cfg.output_root, "t", "images")).to_pylist()
+    query, reference = images[0]["uri"], images[1]["uri"]
+    fig, arrays = tmp_path / "fig.png", tmp_path / "arrays.npz"
+    assert main(["explain", "--checkpoint", model_uri(cfg.output_root, "t"), "--query", query,
+                 "--reference", reference, "--out", str(fig), "--save-arrays", str(arrays)]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = np.load(arrays)
+    # the saved decomposition satisfies the invariant: maps + bias terms give the printed cosine
+    e_q, e_r = saved["equivalent_features_query"], saved["equivalent_features_reference"]
+    b_q, b_r = saved["bias_query"], saved["bias_reference"]
+    raw_q, raw_r = e_q.sum((0, 1)) + b_q, e_r.sum((0, 1)) + b_r
+    z = np.linalg.norm(raw_q) * np.linalg.norm(raw_r)
+    total = saved["point_to_point"].sum() + (e_q.sum((0, 1)) @ b_r + b_q @ e_r.sum((0, 1)) + b_q @ b_r) / z
+    assert abs(total - float(saved["cosine"])) < 1e-4
+    np.testing.assert_allclose(saved["point_to_point"].sum((2, 3)), saved["decomposition_query"], rtol=1e-4,
+                               atol=1e-6)
+    assert f"{float(saved['cosine']):.4f}" in capsys.readouterr().out
+    gallery = cfg.output_root + "/runs/t/explain_gallery.png"
+    assert open(gallery, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -29,6 +29,12 @@ def eval_transform(resize: int, image_size: int) -> v2.Compose:
     ])
 
 
+def display_view(image: Image.Image, resize: int, image_size: int) -> torch.Tensor:
+    """The model's input frame as uint8 H x W x 3 pixels (resize + center crop, no normalisation)."""
+    view = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
+    return view(image).permute(1, 2, 0)
+
+
 def train_transform(image_size: int) -> v2.Compose:
     """Training augmentation: random resized crop and horizontal flip (the usual DML recipe)."""
     return v2.Compose([

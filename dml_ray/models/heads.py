@@ -80,7 +80,7 @@ class EmbeddingHead(nn.Module):
         if not self.fcs:
             return per_pos, feature_map.new_zeros(b, c)
         fc = self.fcs[0]
-        bias = fc.bias.expand(b, -1)
+        bias = fc.bias.unsqueeze(0).repeat(b, 1)
         if per_pos is not None:
             return per_pos @ fc.weight.t(), bias
         # flatten: FC weight block of position (i, j); the flatten order is (c, i, j)

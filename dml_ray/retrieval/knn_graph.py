@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 INDEX_KINDS = ("exact", "ivf", "hnsw")
 
 # Default parameters of the approximate indexes; ``index_params`` overrides them.
-# ivf: nlist (None: 4 sqrt(N)), nprobe, train_size (None: 64 nlist, at most N), seed of the
-# training sample. hnsw: M, efConstruction, efSearch.
+# ivf: nlist (None: 4 sqrt(N)), nprobe, train_size (None: 40 nlist, at most N; faiss's k-means
+# wants >= 39 points per centroid), seed of the training sample. hnsw: M, efConstruction, efSearch.
 IVF_DEFAULTS: dict[str, Any] = {"nlist": None, "nprobe": 16, "train_size": None, "seed": 0}
 HNSW_DEFAULTS: dict[str, Any] = {"M": 32, "efConstruction": 80, "efSearch": 128}
 
@@ -91,7 +91,7 @@ def build_ann_index(
         database: (N, d) vectors; L2-normalised copies are indexed for the cosine metric.
         metric: ``"cosine"`` or ``"euclidean"``.
         index: ``"ivf"``: ``IndexIVFFlat`` with ``nlist`` lists (default ``4 sqrt(N)``), k-means
-            trained on a random sample of ``train_size`` rows (default ``64 nlist``), searched with
+            trained on a random sample of ``train_size`` rows (default ``40 nlist``), searched with
             ``nprobe`` lists; on the GPU when faiss sees one (``use_gpu=None``).
             ``"hnsw"``: ``IndexHNSWFlat`` with ``M`` links per node, ``efConstruction`` and
             ``efSearch``; CPU only.
@@ -120,7 +120,7 @@ def build_ann_index(
     nlist = int(params["nlist"] or max(1, round(4 * math.sqrt(n))))
     if not 1 <= nlist <= n:
         raise ValueError(f"build_ann_index: nlist must be in [1, {n}] for {n} vectors, got {nlist}")
-    train_size = min(n, int(params["train_size"] or 64 * nlist))
+    train_size = min(n, int(params["train_size"] or 40 * nlist))
     quantizer = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
     ann = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
     if _resolve_use_gpu(use_gpu):
@@ -173,7 +173,8 @@ def _exact_rows(
     todo = np.arange(len(xq))
     k_search = min(nb, 2 * width)
     while len(todo):
-        scores, idx = knn_search(xq[todo], xb, k_search, metric, block_size, use_gpu)
+        queries = xq if len(todo) == len(xq) else xq[todo]
+        scores, idx = knn_search(queries, xb, k_search, metric, block_size, use_gpu)
         dist = _scores_to_distances(scores, metric)
         row_idx, row_dist, _ = _ordered(idx, dist, query_rows[todo], width)
         out_idx[todo], out_dist[todo] = row_idx, row_dist

@@ -19,8 +19,8 @@ items by ascending (distance, index)):
   Ties in distance go to the smaller index, and q itself comes first.
 
 Expanded members outside q's graph row have no stored distance to q; it is computed from the
-embeddings with the graph's metric (``1 - cos`` or squared L2, as float32 row-wise dot products,
-which may differ from faiss's GEMM result in the last bits).
+embeddings with the graph's metric (``1 - cos`` or squared L2 from float32 row-wise dot
+products, which may differ from faiss's GEMM result in the last bits).
 
 Everything is computed from the graph as sparse matrices (scipy CSR), never an N x N dense
 matrix: with A the 0/1 adjacency of the lists N(., k), R = A * A^T (element-wise); with Rh the
@@ -36,7 +36,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from dml_ray.retrieval.search import METRICS, _as_matrix, _l2_normalised
+from dml_ray.retrieval.search import METRICS, _as_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,6 @@ class _ReciprocalGraph:
         recip = recip.copy()
         recip.data[:] = 1
         overlap = (recip @ self.half).multiply(recip).tocsr()  # |R(q,k) & R(g,half)| for g in R(q,k)
-        overlap.sort_indices()
         accept = overlap.data > alpha * self.half_sizes[overlap.indices]
         overlap.data = accept.astype(np.int32)
         overlap.eliminate_zeros()
@@ -159,13 +158,16 @@ def reciprocal_sets(neighbor_idx: np.ndarray, k: int, rows: np.ndarray | None = 
 
 
 def _pair_distances(embeddings: np.ndarray, a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    """Distance between rows ``a[i]`` and ``b[i]`` of ``embeddings``, as in ``knn_graph``."""
+    """Distance between rows ``a[i]`` and ``b[i]`` of ``embeddings``, with knn_graph's conventions."""
     out = np.empty(len(a), np.float32)
     for start in range(0, len(a), _PAIR_CHUNK):
         xa = embeddings[a[start : start + _PAIR_CHUNK]]
         xb = embeddings[b[start : start + _PAIR_CHUNK]]
         if metric == "cosine":
-            dist = 1.0 - np.einsum("ij,ij->i", _l2_normalised("embeddings", xa), _l2_normalised("embeddings", xb))
+            norms = np.sqrt(np.einsum("ij,ij->i", xa, xa) * np.einsum("ij,ij->i", xb, xb))
+            if not norms.all():
+                raise ValueError("reciprocal_batches: zero embedding(s); cosine distance is undefined for them")
+            dist = 1.0 - np.einsum("ij,ij->i", xa, xb) / norms
         else:
             diff = xa - xb
             dist = np.einsum("ij,ij->i", diff, diff)
@@ -187,22 +189,29 @@ def _batch_block(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``reciprocal_batches`` for one block of query rows."""
     n, width = len(rows), table.shape[1]
+    graph_rows = table[rows]
     expanded = graph.expanded(graph.reciprocal(rows), alpha)
     # Position of each expanded member in q's graph row: add the 1-based positions of the whole
-    # row on top of a large offset that marks the expanded members.
+    # row on top of an offset that marks the expanded members.
     offset = width + 1
-    in_row = _adjacency(table[rows], table.shape[0], np.broadcast_to(np.arange(1, width + 1, dtype=np.int32), (n, width)))
-    mixed = (expanded * offset + in_row).tocoo()
+    positions = np.broadcast_to(np.arange(1, width + 1, dtype=np.int32), (n, width))
+    mixed = (expanded * offset + _adjacency(graph_rows, table.shape[0], positions)).tocsr()
+    mixed.sort_indices()  # members ascending within each row: the index tie-break below relies on it
+    row = np.repeat(np.arange(n), np.diff(mixed.indptr))
     keep = mixed.data >= offset
-    row, member, position = mixed.row[keep], mixed.col.astype(np.int64)[keep], mixed.data[keep] - offset
+    row, member, position = row[keep], mixed.indices[keep].astype(np.int64), mixed.data[keep] - offset
     dist = np.empty(len(member), np.float32)
     stored = position > 0
     dist[stored] = distances[rows[row[stored]], position[stored] - 1]
     outside = ~stored
     if outside.any():
         dist[outside] = _pair_distances(embeddings, rows[row[outside]], member[outside], metric)
-    # Sort within each row: q first, then by (distance, index).
-    order = np.lexsort((member, dist, member != rows[row], row))
+    # Sort within each row: q first, then by (distance, index). One uint64 key: row, not-q bit,
+    # the bits of the distance (monotone for floats >= 0; "+ 0" turns -0.0 into 0.0); a stable
+    # sort keeps the ascending member order among equal keys.
+    key = (row.astype(np.uint64) << np.uint64(33)) | ((member != rows[row]).astype(np.uint64) << np.uint64(32))
+    key |= (dist + np.float32(0)).view(np.uint32).astype(np.uint64)
+    order = np.argsort(key, kind="stable")
     row, member = row[order], member[order]
     counts = np.bincount(row, minlength=n)
     recip_ids = _padded(row, member, n, int(counts.max(initial=0)))
@@ -212,12 +221,11 @@ def _batch_block(
     batch[:, :take] = recip_ids[:, :take]
     filled = np.minimum(counts, batch_size)
     # Pad with q's nearest neighbours not yet in the batch, in graph order.
-    candidates = table[rows]
-    free = ~(candidates[:, :, None] == batch[:, None, :]).any(axis=2)
+    free = ~(graph_rows[:, :, None] == batch[:, None, :]).any(axis=2)
     rank = np.cumsum(free, axis=1)
     chosen = free & (rank <= (batch_size - filled)[:, None])
     r, c = np.nonzero(chosen)
-    batch[r, filled[r] + rank[r, c] - 1] = candidates[r, c]
+    batch[r, filled[r] + rank[r, c] - 1] = graph_rows[r, c]
     return recip_ids, batch
 
 

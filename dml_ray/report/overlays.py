@@ -1,0 +1,74 @@
+"""Activation-map overlays on images, and the paper's Fig. 4 style pair comparison."""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dml_ray.explain.decomposition import upsample_map  # noqa: E402
+
+METHOD_TITLES = {"decomposition": "Decomposition", "decomposition_bias": "Decomposition+Bias", "distcam": "Dist-CAM",
+                 "gradcam": "Grad-CAM", "gradcam_nonorm": "Grad-CAM (no norm)", "rgradcam": "RGrad-CAM"}
+
+
+def to_pixels(activation: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A feature-grid map bilinearly upsampled to ``size`` and min-max normalised to [0, 1]."""
+    up = upsample_map(torch.from_numpy(np.asarray(activation, dtype=np.float32)), size).numpy()
+    lo, hi = up.min(), up.max()
+    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+
+
+def overlay(ax, image: np.ndarray, activation: Optional[np.ndarray], title: str = "") -> None:
+    """Draw ``image`` with ``activation`` (feature-grid resolution) as a translucent heat map."""
+    ax.imshow(image)
+    if activation is not None:
+        ax.imshow(to_pixels(activation, image.shape[:2]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.ndarray],
+                methods: Sequence[str]) -> bytes:
+    """PNG: every method on the query (top row) and the reference (bottom row), plus the point-specific map
+    of the query's most activated point on the reference (activation-decomposition-tip2021 Fig. 4)."""
+    cols = len(methods) + 2
+    fig, axes = plt.subplots(2, cols, figsize=(2.1 * cols, 4.6))
+    overlay(axes[0, 0], query, None, "query")
+    overlay(axes[1, 0], reference, None, f"reference (cos {float(arrays['cosine']):.3f})")
+    for i, method in enumerate(methods, start=1):
+        overlay(axes[0, i], query, arrays[f"{method}_query"], METHOD_TITLES.get(method, method))
+        overlay(axes[1, i], reference, arrays[f"{method}_reference"], METHOD_TITLES.get(method, method))
+    grid = arrays["equivalent_features_query"].shape[:2]
+    row, col = arrays["query_point"]
+    overlay(axes[0, -1], query, None, "query point")
+    axes[0, -1].plot([(col + 0.5) * query.shape[1] / grid[1]], [(row + 0.5) * query.shape[0] / grid[0]],
+                     marker="x", color="white", markersize=12, mew=3)
+    overlay(axes[1, -1], reference, arrays["point_specific_reference"], "point-specific")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def gallery_figure(images: Sequence[np.ndarray], maps: Sequence[dict[str, np.ndarray]], methods: Sequence[str],
+                   titles: Sequence[str]) -> bytes:
+    """PNG: one row per image, its overlays for each method."""
+    fig, axes = plt.subplots(len(images), len(methods) + 1, figsize=(1.9 * (len(methods) + 1), 1.9 * len(images)),
+                             squeeze=False)
+    for r, (image, image_maps, title) in enumerate(zip(images, maps, titles)):
+        overlay(axes[r, 0], image, None, title)
+        for c, method in enumerate(methods, start=1):
+            overlay(axes[r, c], image, image_maps.get(method), METHOD_TITLES.get(method, method) if r == 0 else "")
+    fig.tight_layout()
+    return _png(fig)
