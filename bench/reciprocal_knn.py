@@ -1,4 +1,4 @@
-"""Reciprocal kNN test-time batches (intra-batch-mpn-reproduction Sec. 3.4): vectorised vs research-style loop, and at scale.
+"""Reciprocal kNN batches (intra-batch-mpn-reproduction Sec. 3.4): vectorised vs research-style loop, at scale.
 
 Cases, each run in its own subprocess so that its wall time and peak resident memory
 (``ru_maxrss``, which sees faiss's allocations too) are its own:
@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from dml_ray.retrieval.knn_graph import build_ann_index, knn_graph, knn_graph_rows, knn_recall
+from dml_ray.retrieval.knn_graph import build_ann_index, knn_graph_rows, knn_recall
 from dml_ray.retrieval.reciprocal import half_k, reciprocal_batches
 
 DEFAULTS = {"a": (10_000, 512), "b": (200_000, 128), "c": (1_000_000, 128)}
@@ -108,8 +108,10 @@ def run_case(case: str, args: argparse.Namespace, out_dir: str) -> dict:
     else:
         metric = "euclidean" if case == "a_vectorised" else "cosine"
         index = "exact" if case != "c" else args.index
-        params = {"nprobe": args.nprobe} if index == "ivf" else {"efSearch": args.ef_search} if index == "hnsw" else None
-        ann = build_ann_index(x, metric, index, params) if index != "exact" else None
+        ann = None
+        if index != "exact":
+            params = {"nprobe": args.nprobe} if index == "ivf" else {"efSearch": args.ef_search}
+            ann = build_ann_index(x, metric, index, params)
         result["index_build_s"] = time.perf_counter() - start
         neighbor_idx, distances = knn_graph_rows(x, np.arange(n), x, args.k1, metric, ann)
         result["search_s"] = time.perf_counter() - start - result["index_build_s"]
@@ -133,6 +135,32 @@ def run_case(case: str, args: argparse.Namespace, out_dir: str) -> dict:
     return result
 
 
+def report_case_a(vec: dict, dense: dict, out_dir: str) -> None:
+    """Check that both sides of case a agree, and print their times side by side."""
+    for name in ("batches", "sizes", "sets"):
+        vec_values, dense_values = (np.load(f"{out_dir}/a_{side}_{name}.npy") for side in ("vectorised", "dense"))
+        if not np.array_equal(vec_values, dense_values):
+            raise SystemExit(f"case a: the {name} differ between the vectorised and the dense implementation")
+    print(f"case a (N={vec['n']}, d={vec['d']}): identical batches and expanded sets")
+    print(f"  vectorised: {vec['total_s']:.2f} s (search {vec['search_s']:.2f} s, reciprocal "
+          f"{vec['reciprocal_s']:.2f} s), peak {vec['peak_rss_gib']:.2f} GiB")
+    print(f"  dense loop: {dense['total_s']:.2f} s (matrix {dense['matrix_s']:.2f} s, argsort "
+          f"{dense['argsort_s']:.2f} s, loop {dense['loop_s']:.2f} s), peak {dense['peak_rss_gib']:.2f} GiB")
+    end_to_end, lists_to_batches = dense["total_s"] / vec["total_s"], dense["loop_s"] / vec["reciprocal_s"]
+    print(f"  speed-up: {end_to_end:.1f}x end to end, {lists_to_batches:.1f}x from neighbour lists to batches "
+          "(loop vs reciprocal_batches)", flush=True)
+
+
+def report_scale_case(r: dict) -> None:
+    """Print one of cases b and c."""
+    line = (f"case {r['case']} (N={r['n']}, d={r['d']}): total {r['total_s']:.1f} s (index "
+            f"{r['index_build_s']:.1f} s, search {r['search_s']:.1f} s, reciprocal {r['reciprocal_s']:.1f} s), "
+            f"peak {r['peak_rss_gib']:.2f} GiB")
+    if "recall" in r:
+        line += f", recall {r['recall']:.4f} on {RECALL_QUERIES} queries"
+    print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
@@ -142,7 +170,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=7)
     parser.add_argument("--cluster-size", type=int, default=50)
     parser.add_argument("--index", choices=["ivf", "hnsw"], default="ivf", help="approximate index of case c")
-    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--nprobe", type=int, default=96)
     parser.add_argument("--ef-search", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -176,25 +204,9 @@ def main() -> None:
             results[worker] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(results[worker]), flush=True)
         if case == "a":
-            for name in ("batches", "sizes", "sets"):
-                vec = np.load(f"{out_dir}/a_vectorised_{name}.npy")
-                dense = np.load(f"{out_dir}/a_dense_{name}.npy")
-                assert np.array_equal(vec, dense), f"case a: {name} differ between vectorised and dense"
-            vec, dense = results["a_vectorised"], results["a_dense"]
-            print(f"case a (N={vec['n']}, d={vec['d']}): identical batches and expanded sets; "
-                  f"vectorised {vec['total_s']:.2f} s (search {vec['search_s']:.2f} s + reciprocal "
-                  f"{vec['reciprocal_s']:.2f} s), {vec['peak_rss_gib']:.2f} GiB; dense loop {dense['total_s']:.2f} s, "
-                  f"{dense['peak_rss_gib']:.2f} GiB (matrix {dense['matrix_s']:.2f} s, argsort {dense['argsort_s']:.2f} s, "
-                  f"loop {dense['loop_s']:.2f} s); speed-up {dense['total_s'] / vec['total_s']:.1f}x end to end, "
-                  f"{dense['loop_s'] / vec['reciprocal_s']:.1f}x for the reciprocal step alone", flush=True)
+            report_case_a(results["a_vectorised"], results["a_dense"], out_dir)
         else:
-            r = results[case]
-            line = (f"case {case} (N={r['n']}, d={r['d']}): total {r['total_s']:.1f} s (index {r['index_build_s']:.1f} s, "
-                    f"search {r['search_s']:.1f} s, reciprocal {r['reciprocal_s']:.1f} s), peak {r['peak_rss_gib']:.2f} GiB")
-            if case == "c":
-                line += f", recall {r['recall']:.4f} on {RECALL_QUERIES} queries"
-            print(line, flush=True)
-
+            report_scale_case(results[case])
 
 if __name__ == "__main__":
     main()

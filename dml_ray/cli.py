@@ -120,6 +120,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from dml_ray.io.tables import latest_run
+    from pipelines.report import write_report
+
+    run_id = args.run or latest_run(args.root)
+    if run_id is None:
+        raise FileNotFoundError(f"{args.root}: no runs yet; pass --run")
+    print(f"report: {write_report(args.root, run_id)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dml-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -154,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-arrays", help="also write the raw arrays to this .npz file")
     p.add_argument("--methods", default="decomposition,decomposition_bias,distcam,gradcam,gradcam_nonorm,rgradcam")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("report", help="write a run's self-contained HTML report")
+    p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
+    p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run")
     p.add_argument("sql")

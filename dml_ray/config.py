@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
-Stage = Literal["data", "train", "embed", "evaluate", "explain"]
+Stage = Literal["data", "train", "embed", "evaluate", "explain", "localize", "report"]
 MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam"]
 
 
@@ -137,6 +137,15 @@ class ExplainConfig(Strict):
     concurrency: int = Field(1, ge=1)
 
 
+class LocalizeConfig(Strict):
+    mode: Literal["paper", "wsol"] = Field("paper", description="paper: DESIGN.md protocol; wsol: wsolevaluation's")
+    threshold_interval: float = Field(0.01, gt=0, lt=1, description="threshold grid np.arange(0, 1, interval)")
+    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="images used to choose a held-out threshold")
+    baselines: bool = Field(True, description="also localize random maps and a centred box")
+    shards: int = Field(4, ge=1, description="Ray tasks over the activation_maps files")
+    seed: int = 0
+
+
 class RunConfig(Strict):
     output_root: str = "dml_ray_out"
     run_id: str = Field(default_factory=lambda: _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -149,6 +158,7 @@ class RunConfig(Strict):
     embed: EmbedConfig = EmbedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     explain: ExplainConfig = ExplainConfig()
+    localize: LocalizeConfig = LocalizeConfig()
 
     @model_validator(mode="after")
     def _explain_needs_feature_maps(self) -> "RunConfig":

@@ -21,7 +21,9 @@ from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
 from pipelines.evaluate import evaluated_splits, run_evaluate
 from pipelines.explain import maps_gallery_png, run_explain
+from pipelines.localize import run_localize
 from pipelines.ray_env import ensure_ray
+from pipelines.report import REPORT_FILE, write_report
 from pipelines.train import model_uri, run_train
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,23 @@ def _stage_explain(cfg: RunConfig) -> dict:
     return {"rows": result.rows, "gallery": figure}
 
 
+def _stage_localize(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    result = run_localize(cfg.output_root, cfg.run_id, cfg.data, cfg.localize, so)
+    write_table(result.metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "localize"),
+                staging_uri(cfg.output_root, cfg.run_id, "metrics", "localize"), so)
+    return {"rows": result.rows}
+
+
+def _stage_report(cfg: RunConfig) -> dict:
+    return {"report": write_report(cfg.output_root, cfg.run_id, cfg.data.storage_options or None)}
+
+
+def _exists(uri: str, storage_options: Optional[dict]) -> bool:
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.exists(path)
+
+
 def _checkpoint(cfg: RunConfig) -> str:
     """The model the run embeds with: its own trained one, else ``model.weights`` when that is a file."""
     own = model_uri(cfg.output_root, cfg.run_id)
@@ -118,12 +137,20 @@ def _checkpoint(cfg: RunConfig) -> str:
     return cfg.model.weights
 
 
-STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], str]]] = {
-    "data": (_stage_data, lambda c: table_uri(c.output_root, c.run_id, "images")),
-    "train": (_stage_train, lambda c: table_uri(c.output_root, c.run_id, "metrics", "train")),
-    "embed": (_stage_embed, lambda c: table_uri(c.output_root, c.run_id, "embeddings")),
-    "evaluate": (_stage_evaluate, lambda c: table_uri(c.output_root, c.run_id, "metrics", "evaluate")),
-    "explain": (_stage_explain, lambda c: table_uri(c.output_root, c.run_id, "activation_maps")),
+def _committed(table: str, part: Optional[str] = None) -> Callable[[RunConfig], bool]:
+    return lambda c: is_committed(table_uri(c.output_root, c.run_id, table, part), c.data.storage_options or None)
+
+
+# stage name -> (what it does, whether its output is already there)
+STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], bool]]] = {
+    "data": (_stage_data, _committed("images")),
+    "train": (_stage_train, _committed("metrics", "train")),
+    "embed": (_stage_embed, _committed("embeddings")),
+    "evaluate": (_stage_evaluate, _committed("metrics", "evaluate")),
+    "explain": (_stage_explain, _committed("activation_maps")),
+    "localize": (_stage_localize, _committed("metrics", "localize")),
+    "report": (_stage_report, lambda c: _exists(join(run_uri(c.output_root, c.run_id), REPORT_FILE),
+                                                c.data.storage_options or None)),
 }
 
 
@@ -135,8 +162,8 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
     update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
     ensure_ray()
     for name in [s for s in STAGES if s in cfg.stages]:
-        run, output = STAGES[name]
-        if is_committed(output(cfg), so):
+        run, done = STAGES[name]
+        if done(cfg):
             log.info("stage %s: already committed, skipped", name)
             summary.skipped.append(name)
             continue

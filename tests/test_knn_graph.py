@@ -102,7 +102,8 @@ class _IndexWithoutSelf:
 
 def test_a_missing_query_is_inserted_first_and_ties_are_reordered() -> None:
     x = np.array([[0.0], [1.0], [-1.0], [2.0], [3.0]], dtype=np.float32)
-    neighbor_idx, distances = knn_graph_rows(x, np.arange(5), x, 2, metric="euclidean", ann_index=_IndexWithoutSelf(x))
+    ann = _IndexWithoutSelf(x)
+    neighbor_idx, distances = knn_graph_rows(x, np.arange(5), x, 2, metric="euclidean", ann_index=ann)
     # Row 0: the index returns 2 then 1 (both at distance 1); the query goes first, then index order.
     np.testing.assert_array_equal(neighbor_idx, [[0, 1, 2], [1, 0, 3], [2, 0, 1], [3, 1, 4], [4, 3, 1]])
     np.testing.assert_array_equal(distances, [[0, 1, 1], [0, 1, 1], [0, 1, 4], [0, 1, 1], [0, 1, 4]])

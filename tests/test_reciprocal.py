@@ -117,7 +117,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("data", "metric", "n", "k1", "k", "batch_size"), CASES)
-def test_vectorised_equals_loop_reference(data: str, metric: str, n: int, k1: int, k: int, batch_size: int) -> None:
+def test_vectorised_equals_loop_reference(
+    data: str, metric: str, n: int, k1: int, k: int, batch_size: int
+) -> None:
     seed = n + k
     if data == "integer":
         x = integer_blobs(n, seed)

@@ -105,6 +105,20 @@ ACTIVATION_MAPS_SCHEMA = pa.schema(
 )
 
 
+LOCALIZATION_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("method", pa.string()),
+        ("reference_kind", pa.string()),
+        ("threshold", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("iou", pa.float32()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+
 def validate_images(table: pa.Table) -> pa.Table:
     """Cast ``table`` to IMAGES_SCHEMA, raising a one-line error naming what is wrong."""
     missing = [n for n in IMAGES_SCHEMA.names if n not in table.column_names]

@@ -94,7 +94,8 @@ class MessagePassingNetwork(nn.Module):
         super().__init__()
         if num_layers < 1 or num_heads < 1 or num_classes < 1:
             raise ValueError(
-                f"mpn: num_layers, num_heads and num_classes must be >= 1, got {num_layers}, {num_heads}, {num_classes}"
+                "mpn: num_layers, num_heads and num_classes must be >= 1, "
+                f"got {num_layers}, {num_heads}, {num_classes}"
             )
         self.layers = nn.ModuleList(
             MessagePassingLayer(dim, num_heads, dropout, ff_dim or 4 * dim) for _ in range(num_layers)

@@ -72,3 +72,21 @@ def gallery_figure(images: Sequence[np.ndarray], maps: Sequence[dict[str, np.nda
             overlay(axes[r, c], image, image_maps.get(method), METHOD_TITLES.get(method, method) if r == 0 else "")
     fig.tight_layout()
     return _png(fig)
+
+
+def boxes_gallery(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], predicted: Sequence[Sequence[float]],
+                  truth: Sequence[Sequence[float]], titles: Sequence[str], columns: int = 6) -> bytes:
+    """PNG: overlays with the predicted box (white) and the ground-truth box (green), both (x0, y0, x1, y1)."""
+    from matplotlib.patches import Rectangle
+
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, activation, pred, gt, title in zip(axes.flat, images, maps, predicted, truth, titles):
+        overlay(ax, image, activation, title)
+        for box, colour in ((gt, "lime"), (pred, "white")):
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                   edgecolor=colour, linewidth=1.8))
+    fig.tight_layout()
+    return _png(fig)

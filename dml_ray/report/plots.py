@@ -48,3 +48,28 @@ def run_summary_png(metrics: pa.Table, title: str) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def localization_curves_png(metrics: pa.Table, title: str) -> bytes:
+    """PNG: localization accuracy (IoU >= 0.5) against the map threshold, one line per method and reference
+    (activation-decomposition-tip2021 Table I as a plot)."""
+    rows = [r for r in metrics.to_pylist() if r["stage"] == "localize" and r["metric"].startswith("loc_acc/")]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        curves.setdefault(r["metric"].split("/", 1)[1], []).append((r["k"] / 100, r["value"]))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for name, points in sorted(curves.items()):
+        points.sort()
+        style = ":" if name.startswith("none/") else "-"
+        ax.plot(*zip(*points), style, label=name.replace("none/", ""), linewidth=1.6)
+    ax.set_xlabel("map threshold (after min-max normalisation)")
+    ax.set_ylabel("localization accuracy (IoU >= 0.5)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -19,8 +19,9 @@ Approximate rows miss some neighbours (measure with ``knn_recall``); a row in wh
 found too few items is searched exactly.
 
 Sharding over Ray tasks (the pipeline's job): split the query rows with ``shard_bounds``, build an
-approximate index once with ``build_ann_index`` (ship it with ``faiss.serialize_index``), and call
-``knn_graph_rows`` on each shard against the whole (``ray.put``, zero-copy) database.
+approximate index once with ``build_ann_index`` (ship it with ``faiss.serialize_index``, after
+``faiss.index_gpu_to_cpu`` for a GPU index), and call ``knn_graph_rows`` on each shard against the
+whole (``ray.put``, zero-copy) database.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ INDEX_KINDS = ("exact", "ivf", "hnsw")
 # Default parameters of the approximate indexes; ``index_params`` overrides them.
 # ivf: nlist (None: 4 sqrt(N)), nprobe, train_size (None: 40 nlist, at most N; faiss's k-means
 # wants >= 39 points per centroid), seed of the training sample. hnsw: M, efConstruction, efSearch.
-IVF_DEFAULTS: dict[str, Any] = {"nlist": None, "nprobe": 16, "train_size": None, "seed": 0}
+IVF_DEFAULTS: dict[str, Any] = {"nlist": None, "nprobe": 64, "train_size": None, "seed": 0}
 HNSW_DEFAULTS: dict[str, Any] = {"M": 32, "efConstruction": 80, "efSearch": 128}
 
 _NO_INDEX = np.iinfo(np.int64).max  # sort key of a missing result: after every real index
@@ -117,14 +118,16 @@ def build_ann_index(
         logger.info("build_ann_index: HNSW over %d vectors (M=%d)", n, params["M"])
         return ann
 
-    nlist = int(params["nlist"] or max(1, round(4 * math.sqrt(n))))
+    nlist = int(params["nlist"] or min(n, max(1, round(4 * math.sqrt(n)))))
     if not 1 <= nlist <= n:
         raise ValueError(f"build_ann_index: nlist must be in [1, {n}] for {n} vectors, got {nlist}")
     train_size = min(n, int(params["train_size"] or 40 * nlist))
     quantizer = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
     ann = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
     if _resolve_use_gpu(use_gpu):
-        ann = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, ann)
+        resources = faiss.StandardGpuResources()
+        ann = faiss.index_cpu_to_gpu(resources, 0, ann)
+        ann.referenced_objects = [resources]  # the GPU index must not outlive its resources
     sample = np.random.default_rng(params["seed"]).choice(n, size=train_size, replace=False)
     ann.train(xb[np.sort(sample)])
     ann.add(xb)

@@ -41,7 +41,7 @@ from dml_ray.retrieval.search import METRICS, _as_matrix
 logger = logging.getLogger(__name__)
 
 ALPHA = 2.0 / 3.0  # mpn-reproduction Sec. 3.4: "The authors set alpha to 2/3"
-_PAIR_CHUNK = 1 << 16  # pairs per chunk of the embedding-based distance computation
+_PAIR_CHUNK = 1 << 12  # pairs per chunk of the embedding-based distance computation
 
 
 def half_k(k: int) -> int:
@@ -53,7 +53,9 @@ def _validated_graph(neighbor_idx: np.ndarray, k: int) -> np.ndarray:
     """``neighbor_idx`` checked as a knn_graph table (N, >= k+1): in range, self first, no repeats."""
     table = np.asarray(neighbor_idx)
     if table.ndim != 2 or not np.issubdtype(table.dtype, np.integer):
-        raise ValueError(f"reciprocal kNN: neighbor_idx must be a 2-D integer array, got {table.dtype} {table.shape}")
+        raise ValueError(
+            f"reciprocal kNN: neighbor_idx must be a 2-D integer array, got {table.dtype} {table.shape}"
+        )
     n, width = table.shape
     if k < 1 or width < k + 1:
         raise ValueError(

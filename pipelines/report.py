@@ -1,0 +1,127 @@
+"""The run report: one self-contained HTML page from a run's committed tables and figures."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dml_ray.config import DataConfig
+from dml_ray.data.transforms import decode_image, display_view
+from dml_ray.io.fs import join, url_to_fs
+from dml_ray.io.tables import committed_tables, read_json, read_table, run_uri, table_uri
+from dml_ray.report.html import Section, render_report
+from dml_ray.report.overlays import boxes_gallery
+from dml_ray.report.plots import localization_curves_png, run_summary_png
+from pipelines.localize import ground_truth
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+
+
+def _figure(uri: str, storage_options: Optional[dict]) -> Optional[bytes]:
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.cat_file(path) if fs.exists(path) else None
+
+
+def build_sections(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> list[Section]:
+    """The report's sections for whatever stages the run has committed."""
+    tables = committed_tables(output_root, run_id, storage_options)
+    sections = []
+    if "metrics" in tables:
+        metrics = read_table(tables["metrics"], storage_options)
+        # training curves and localization have their own figures and tables
+        rows = sorted((r["stage"], r["split"], r["metric"], r["k"], r["value"]) for r in metrics.to_pylist()
+                      if r["stage"] not in ("train", "localize"))
+        sections.append(Section("Retrieval metrics", "metrics",
+                                tables=[(["stage", "split", "metric", "k", "value"], rows)],
+                                figures=[run_summary_png(metrics, f"run {run_id}")]))
+    gallery = _figure(join(run_uri(output_root, run_id), "explain_gallery.png"), storage_options)
+    if gallery is not None:
+        sections.append(Section("Activation maps", "maps", text="A sample of explained images, each method's map "
+                                "against the image's nearest neighbour.", figures=[gallery]))
+    if "localization" in tables and "metrics" in tables:
+        sections += localization_sections(output_root, run_id, read_table(tables["metrics"], storage_options),
+                                          storage_options)
+    return sections
+
+
+def _summary_table(metrics: pa.Table) -> list[list[object]]:
+    values: dict[str, dict[str, float]] = {}
+    for r in metrics.to_pylist():
+        if r["stage"] == "localize" and not r["metric"].startswith("loc_acc/"):
+            metric, name = r["metric"].split("/", 1)
+            values.setdefault(name, {})[metric] = r["value"]
+    keys = ["loc_best_threshold", "loc_best_acc", "loc_holdout_threshold", "loc_holdout_acc", "maxboxacc_v2",
+            "top1_loc_error", "n_images"]
+    return [[name, *(v.get(k) for k in keys)] for name, v in sorted(values.items(), key=lambda kv: -kv[1].get(
+        "loc_best_acc", 0))]
+
+
+def localization_sections(output_root: str, run_id: str, metrics: pa.Table, storage_options: Optional[dict],
+                          method: str = "decomposition", kind: str = "neighbor", n: int = 6) -> list[Section]:
+    """Accuracy vs threshold (Table I), best thresholds (Table II) and best / worst localized images."""
+    header = ["reference / method", "best threshold", "best accuracy", "held-out threshold", "accuracy at it",
+              "MaxBoxAccV2", "top-1 loc. error", "images"]
+    sections = [
+        Section("Localization accuracy vs threshold", "localization-curves",
+                text="IoU >= 0.5 between the tight box of the largest 8-connected component of the thresholded "
+                     "map and the ground-truth box (activation-decomposition-tip2021 Table I). Dotted: baselines.",
+                figures=[localization_curves_png(metrics, f"run {run_id}")]),
+        Section("Best thresholds", "localization-table",
+                text="Best threshold on the whole split (as the papers grid-search it), and a threshold chosen "
+                     "on a held-out part of the split, with the accuracy on the rest (Table II).",
+                tables=[(header, _summary_table(metrics))]),
+    ]
+    best = {r["metric"]: r["value"] for r in metrics.to_pylist()}.get(f"loc_best_threshold/{kind}/{method}")
+    if best is None:
+        return sections
+    manifest = read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}
+    data = DataConfig.model_validate(manifest.get("config", {}).get("data", {}))
+    loc = read_table(table_uri(output_root, run_id, "localization"), storage_options)
+    loc = loc.filter(pc.and_(pc.and_(pc.equal(loc.column("method"), method), pc.equal(loc.column("reference_kind"),
+                                                                                     kind)),
+                             pc.less(pc.abs(pc.subtract(loc.column("threshold"), best)), 1e-4))).sort_by("iou")
+    images = read_table(table_uri(output_root, run_id, "images"), storage_options)
+    maps = read_table(table_uri(output_root, run_id, "activation_maps"), storage_options)
+    maps = maps.filter(pc.and_(pc.equal(maps.column("method"), method), pc.equal(maps.column("reference_kind"), kind)))
+    gt = ground_truth(images, data)
+    for title, rows in (("Best localized", loc.slice(max(0, loc.num_rows - n)).to_pylist()[::-1]),
+                        ("Worst localized", loc.slice(0, n).to_pylist())):
+        sections.append(Section(f"{title} ({method}, {kind} reference, threshold {best:.2f})",
+                                title.lower().replace(" ", "-"),
+                                text="White: predicted box; green: ground truth.",
+                                figures=[_boxes_figure(rows, images, maps, gt, data)]))
+    return sections
+
+
+def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, data: DataConfig) -> bytes:
+    ids = [r["image_id"] for r in rows]
+    uris = dict(zip(images.column("image_id").to_pylist(), images.column("uri").to_pylist()))
+    chosen = maps.filter(pc.is_in(maps.column("image_id"), pa.array(ids))).to_pylist()
+    by_id = {m["image_id"]: np.asarray(m["map"], np.float32).reshape(m["map_h"], m["map_w"]) for m in chosen}
+    views = []
+    for image_id in ids:
+        fs, path = url_to_fs(uris[image_id], data.storage_options or None)
+        with fs.open(path, "rb") as f:
+            views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
+    titles = [f"IoU {r['iou']:.2f}" for r in rows]
+    return boxes_gallery(views, [by_id[i] for i in ids], [r["box"] for r in rows], [gt[i] for i in ids], titles)
+
+
+def write_report(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> str:
+    """Write ``runs/<run_id>/report.html`` and return its URI."""
+    manifest = read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}
+    sections = build_sections(output_root, run_id, storage_options)
+    if not sections:
+        raise FileNotFoundError(f"{output_root}: run {run_id!r} has nothing to report yet")
+    model = manifest.get("config", {}).get("model", {})
+    meta = f"run {run_id} · {model.get('backbone', '?')} · git {str(manifest.get('git_sha') or '?')[:10]}"
+    uri = join(run_uri(output_root, run_id), REPORT_FILE)
+    fs, path = url_to_fs(uri, storage_options)
+    fs.pipe_file(path, render_report(f"dml_ray run {run_id}", sections, meta).encode())
+    log.info("report written to %s", uri)
+    return uri
