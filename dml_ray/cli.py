@@ -48,6 +48,8 @@ def _run(config_path: str, overrides: dict[str, Any]) -> int:
     print(f"outputs: {summary.run_uri}")
     if summary.figure:
         print(f"figure: {summary.figure}")
+    if summary.report:
+        print(f"report: {summary.report}")
     print(f"query them: dml-ray query --root {cfg.output_root} \"SELECT * FROM metrics\"")
     return 0
 
@@ -131,6 +133,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.compare import HEADER, write_comparison
+
+    uri, rows = write_comparison(args.root, args.runs)
+    widths = [max(len(h), 10) for h in HEADER]
+    print("  ".join(h.rjust(w) for h, w in zip(HEADER, widths)))
+    for row in rows:
+        cells = ["-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    print(f"comparison: {uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dml-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -170,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
     p.add_argument("--run", default=None, help="run id (default: the latest run)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="model diagnosis: runs side by side, train vs test")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run")
     p.add_argument("sql")

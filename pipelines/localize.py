@@ -29,7 +29,7 @@ from dml_ray.metrics.localization import LocalizationCounter, box_to_input_frame
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (reference_kind, method)
+Key = tuple[str, str, str]  # (split, reference_kind, method)
 BASELINES = ("baseline_random", "baseline_center")
 
 
@@ -86,14 +86,18 @@ def _rows(run_id: str, image_ids: list[str], kind: str, method: str, thresholds:
     }, schema=LOCALIZATION_SCHEMA)
 
 
-def localize_groups(maps: pa.Table, gt: dict[str, np.ndarray], labels: dict[str, int], cfg: LocalizeConfig,
-                    size: int, run_id: str) -> tuple[pa.Table, dict[Key, tuple]]:
-    """Localization rows and (holdout, rest) counters per (reference kind, method) of activation-map rows."""
+def localize_groups(maps: pa.Table, gt: dict[str, np.ndarray], labels: dict[str, int], splits: dict[str, str],
+                    cfg: LocalizeConfig, size: int, run_id: str) -> tuple[pa.Table, dict[Key, tuple]]:
+    """Localization rows and (holdout, rest) counters per (split, reference kind, method) of activation-map rows."""
     maps = maps.filter(pc.is_in(maps.column("image_id"), pa.array(list(gt))))
+    maps = maps.append_column("split", pa.array([splits[i] for i in maps.column("image_id").to_pylist()], pa.string()))
     counters: dict[Key, tuple] = {}
     tables = []
-    for kind, method in sorted(set(zip(maps.column("reference_kind").to_pylist(), maps.column("method").to_pylist()))):
-        group = maps.filter(pc.and_(pc.equal(maps.column("reference_kind"), kind), pc.equal(maps.column("method"), method)))
+    keys = set(zip(*(maps.column(c).to_pylist() for c in ("split", "reference_kind", "method"))))
+    for split, kind, method in sorted(keys):
+        group = maps.filter(pc.and_(pc.and_(pc.equal(maps.column("split"), split),
+                                            pc.equal(maps.column("reference_kind"), kind)),
+                                    pc.equal(maps.column("method"), method)))
         ids = group.column("image_id").to_pylist()
         h, w = group.column("map_h")[0].as_py(), group.column("map_w")[0].as_py()
         values = group.column("map").combine_chunks().flatten().to_numpy().reshape(len(ids), h, w)
@@ -101,7 +105,7 @@ def localize_groups(maps: pa.Table, gt: dict[str, np.ndarray], labels: dict[str,
         if kind == "prototype":
             ref_labels = [int(r.split(":", 1)[1]) for r in group.column("reference_id").to_pylist()]
             class_ok = np.array([labels[i] == r for i, r in zip(ids, ref_labels)])
-        tables.append(_accumulate(counters, (kind, method), ids, values, gt, class_ok, cfg, size, run_id))
+        tables.append(_accumulate(counters, (split, kind, method), ids, values, gt, class_ok, cfg, size, run_id))
     return (pa.concat_tables(tables) if tables else LOCALIZATION_SCHEMA.empty_table()), counters
 
 
@@ -114,13 +118,13 @@ def _accumulate(counters, key, ids, values, gt, class_ok, cfg, size, run_id) -> 
         if part.any():
             boxes, ious, correct = counter.accumulate(values[part], gt_boxes[part],
                                                       None if class_ok is None else class_ok[part])
-            out.append(_rows(run_id, [i for i, p in zip(ids, part) if p], *key, counter.thresholds, boxes, ious,
+            out.append(_rows(run_id, [i for i, p in zip(ids, part) if p], *key[1:], counter.thresholds, boxes, ious,
                              correct))
     return pa.concat_tables(out)
 
 
 @ray.remote(num_cpus=1)
-def _localize_shard(files: list[str], shard: int, gt, labels, cfg, size, run_id, staging, storage_options,
+def _localize_shard(files: list[str], shard: int, gt, labels, splits, cfg, size, run_id, staging, storage_options,
                     baseline_ids: Optional[list[str]], grid: Optional[tuple[int, int]]):
     fs, path = url_to_fs(staging, storage_options)
     tables = []
@@ -130,22 +134,23 @@ def _localize_shard(files: list[str], shard: int, gt, labels, cfg, size, run_id,
                                                          "map_h", "map_w", "map"]))
     maps = pa.concat_tables(tables) if tables else None
     maps = maps.filter(pc.not_equal(maps.column("method"), "point_to_point")) if maps is not None else None
-    rows, counters = localize_groups(maps, gt, labels, cfg, size, run_id) if maps is not None else (None, {})
+    rows, counters = localize_groups(maps, gt, labels, splits, cfg, size, run_id) if maps is not None else (None, {})
     parts = [] if rows is None else [rows]
-    if baseline_ids:
-        for method, values in baseline_maps(baseline_ids, grid, cfg.seed).items():
-            parts.append(_accumulate(counters, ("none", method), baseline_ids, values, gt, None, cfg, size, run_id))
+    for split in sorted({splits[i] for i in baseline_ids or []}):
+        ids = [i for i in baseline_ids if splits[i] == split]
+        for method, values in baseline_maps(ids, grid, cfg.seed).items():
+            parts.append(_accumulate(counters, (split, "none", method), ids, values, gt, None, cfg, size, run_id))
     pafs, papath = pyarrow_fs(staging, storage_options)
     pafs.create_dir(papath, recursive=True)
     pq.write_table(pa.concat_tables(parts), f"{papath}/part-{shard:05d}.parquet", filesystem=pafs)
     return counters
 
 
-def metrics_rows(counters: dict[Key, tuple], split: str, run_id: str) -> pa.Table:
+def metrics_rows(counters: dict[Key, tuple], run_id: str) -> pa.Table:
     """``metrics`` rows from merged counters: Table I per threshold, Table II, held-out threshold, MaxBoxAccV2,
     top-1 localization error."""
     rows = []
-    for (kind, method), (holdout, rest) in sorted(counters.items()):
+    for (split, kind, method), (holdout, rest) in sorted(counters.items()):
         whole = holdout.merge(rest).compute()
         name = f"{kind}/{method}"
 
@@ -178,6 +183,7 @@ def run_localize(output_root: str, run_id: str, data: DataConfig, cfg: LocalizeC
     if not gt:
         raise ValueError("localize: no image has a bounding box")
     labels = dict(zip(images.column("image_id").to_pylist(), images.column("label").to_pylist()))
+    splits = dict(zip(images.column("image_id").to_pylist(), images.column("split").to_pylist()))
     maps_uri = table_uri(output_root, run_id, "activation_maps")
     files = committed_files(maps_uri, so)
     ids_grid = read_table(maps_uri, so, columns=["image_id", "map_h", "map_w", "method"])
@@ -186,7 +192,7 @@ def run_localize(output_root: str, run_id: str, data: DataConfig, cfg: LocalizeC
     grid = (ids_grid.column("map_h")[0].as_py(), ids_grid.column("map_w")[0].as_py())
     n_shards = max(1, min(cfg.shards, len(files)))
     staging = staging_uri(output_root, run_id, "localization")
-    refs = ray.put(gt), ray.put(labels)
+    refs = ray.put(gt), ray.put(labels), ray.put(splits)
     futures = []
     for shard in range(n_shards):
         baseline_ids = explained[shard::n_shards] if cfg.baselines else None
@@ -196,9 +202,7 @@ def run_localize(output_root: str, run_id: str, data: DataConfig, cfg: LocalizeC
     for counters in ray.get(futures):
         for key, (h, r) in counters.items():
             merged[key] = (h, r) if key not in merged else (merged[key][0].merge(h), merged[key][1].merge(r))
-    splits = sorted(set(images.filter(pc.is_in(images.column("image_id"), pa.array(explained)))
-                        .column("split").to_pylist()))
-    metrics = metrics_rows(merged, "+".join(splits), run_id)
+    metrics = metrics_rows(merged, run_id)
     marker = commit_table(staging, table_uri(output_root, run_id, "localization"), so, replace=True)
     seconds = time.perf_counter() - start
     log.info("localize: %d rows, %d metric rows in %.1f s", marker["rows"], metrics.num_rows, seconds)

@@ -20,6 +20,7 @@ from pipelines.localize import ground_truth
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
+PRIMARY_SPLIT = "test"
 
 
 def _figure(uri: str, storage_options: Optional[dict]) -> Optional[bytes]:
@@ -50,33 +51,38 @@ def build_sections(output_root: str, run_id: str, storage_options: Optional[dict
 
 
 def _summary_table(metrics: pa.Table) -> list[list[object]]:
-    values: dict[str, dict[str, float]] = {}
+    values: dict[tuple[str, str], dict[str, float]] = {}
     for r in metrics.to_pylist():
         if r["stage"] == "localize" and not r["metric"].startswith("loc_acc/"):
             metric, name = r["metric"].split("/", 1)
-            values.setdefault(name, {})[metric] = r["value"]
+            values.setdefault((r["split"], name), {})[metric] = r["value"]
     keys = ["loc_best_threshold", "loc_best_acc", "loc_holdout_threshold", "loc_holdout_acc", "maxboxacc_v2",
             "top1_loc_error", "n_images"]
-    return [[name, *(v.get(k) for k in keys)] for name, v in sorted(values.items(), key=lambda kv: -kv[1].get(
-        "loc_best_acc", 0))]
+    order = sorted(values.items(), key=lambda kv: (kv[0][0] != PRIMARY_SPLIT, kv[0][0], -kv[1].get("loc_best_acc", 0)))
+    return [[split, name, *(v.get(k) for k in keys)] for (split, name), v in order]
 
 
 def localization_sections(output_root: str, run_id: str, metrics: pa.Table, storage_options: Optional[dict],
                           method: str = "decomposition", kind: str = "neighbor", n: int = 6) -> list[Section]:
-    """Accuracy vs threshold (Table I), best thresholds (Table II) and best / worst localized images."""
-    header = ["reference / method", "best threshold", "best accuracy", "held-out threshold", "accuracy at it",
+    """Accuracy vs threshold (Table I) and best / worst localized images of the primary split (test when
+    localized), best thresholds of every split (Table II)."""
+    localized = set(metrics.filter(pc.equal(metrics.column("stage"), "localize")).column("split").to_pylist())
+    split = PRIMARY_SPLIT if PRIMARY_SPLIT in localized else sorted(localized)[0]
+    header = ["split", "reference / method", "best threshold", "best accuracy", "held-out threshold", "accuracy at it",
               "MaxBoxAccV2", "top-1 loc. error", "images"]
     sections = [
         Section("Localization accuracy vs threshold", "localization-curves",
                 text="IoU >= 0.5 between the tight box of the largest 8-connected component of the thresholded "
                      "map and the ground-truth box (activation-decomposition-tip2021 Table I). Dotted: baselines.",
-                figures=[localization_curves_png(metrics, f"run {run_id}")]),
+                figures=[localization_curves_png(metrics.filter(pc.equal(metrics.column("split"), split)),
+                                                 f"run {run_id}, split {split}")]),
         Section("Best thresholds", "localization-table",
                 text="Best threshold on the whole split (as the papers grid-search it), and a threshold chosen "
                      "on a held-out part of the split, with the accuracy on the rest (Table II).",
                 tables=[(header, _summary_table(metrics))]),
     ]
-    best = {r["metric"]: r["value"] for r in metrics.to_pylist()}.get(f"loc_best_threshold/{kind}/{method}")
+    best = {r["metric"]: r["value"] for r in metrics.to_pylist() if r["split"] == split}.get(
+        f"loc_best_threshold/{kind}/{method}")
     if best is None:
         return sections
     manifest = read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}
@@ -86,12 +92,14 @@ def localization_sections(output_root: str, run_id: str, metrics: pa.Table, stor
                                                                                      kind)),
                              pc.less(pc.abs(pc.subtract(loc.column("threshold"), best)), 1e-4))).sort_by("iou")
     images = read_table(table_uri(output_root, run_id, "images"), storage_options)
+    in_split = images.filter(pc.equal(images.column("split"), split)).column("image_id")
+    loc = loc.filter(pc.is_in(loc.column("image_id"), in_split))
     maps = read_table(table_uri(output_root, run_id, "activation_maps"), storage_options)
     maps = maps.filter(pc.and_(pc.equal(maps.column("method"), method), pc.equal(maps.column("reference_kind"), kind)))
     gt = ground_truth(images, data)
     for title, rows in (("Best localized", loc.slice(max(0, loc.num_rows - n)).to_pylist()[::-1]),
                         ("Worst localized", loc.slice(0, n).to_pylist())):
-        sections.append(Section(f"{title} ({method}, {kind} reference, threshold {best:.2f})",
+        sections.append(Section(f"{title} ({split}, {method}, {kind} reference, threshold {best:.2f})",
                                 title.lower().replace(" ", "-"),
                                 text="White: predicted box; green: ground truth.",
                                 figures=[_boxes_figure(rows, images, maps, gt, data)]))

@@ -37,6 +37,7 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     metrics: Optional[pa.Table] = None
     figure: Optional[str] = None
+    report: Optional[str] = None
 
 
 def _git_sha() -> Optional[str]:
@@ -182,5 +183,7 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
             png = run_summary_png(read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so), f"run {cfg.run_id}")
             fs.pipe_file(path, png)
         summary.figure = figure
+    report = join(summary.run_uri, REPORT_FILE)
+    summary.report = report if _exists(report, so) else None
     set_latest(cfg.output_root, cfg.run_id, so)
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -31,7 +32,7 @@ def _recall_at_1(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray) ->
 
 def test_every_stage_ran_and_committed(demo_run):
     cfg, summary = demo_run
-    assert summary.ran == ["data", "train", "embed", "evaluate", "explain"]
+    assert summary.ran == ["data", "train", "embed", "evaluate", "explain", "localize", "report"]
     images = read_table(table_uri(cfg.output_root, "t", "images"))
     emb = read_table(table_uri(cfg.output_root, "t", "embeddings"))
     errors = read_table(table_uri(cfg.output_root, "t", "errors"))
@@ -65,10 +66,10 @@ def test_training_beats_random_initialisation(demo_run):
 
 def test_rerun_skips_committed_stages_and_changes_nothing(demo_run):
     cfg, _ = demo_run
-    tables = ("images", "embeddings", "metrics", "feature_maps", "prototypes", "activation_maps")
+    tables = ("images", "embeddings", "metrics", "feature_maps", "prototypes", "activation_maps", "localization")
     before = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in tables}
     again = run_pipeline(cfg)
-    assert again.ran == [] and again.skipped == ["data", "train", "embed", "evaluate", "explain"]
+    assert again.ran == [] and again.skipped == ["data", "train", "embed", "evaluate", "explain", "localize", "report"]
     after = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in before}
     assert before == after
 
@@ -85,10 +86,10 @@ def test_query_cli_reads_committed_tables(demo_run, capsys):
 def test_activation_maps_one_row_per_image_reference_and_method(demo_run):
     cfg, _ = demo_run
     images = read_table(table_uri(cfg.output_root, "t", "images"))
-    n_test = pc.sum(pc.equal(images.column("split"), "test")).as_py()
+    n_explained = pc.sum(pc.is_in(images.column("split"), pa.array(cfg.explain.splits))).as_py()
     maps = read_table(table_uri(cfg.output_root, "t", "activation_maps"))
     keys = list(zip(*(maps.column(c).to_pylist() for c in ("image_id", "reference_kind", "method"))))
-    assert len(keys) == len(set(keys)) == n_test * len(cfg.explain.references) * len(cfg.explain.methods)
+    assert len(keys) == len(set(keys)) == n_explained * len(cfg.explain.references) * len(cfg.explain.methods)
     h, w = maps.column("map_h")[0].as_py(), maps.column("map_w")[0].as_py()
     assert pc.all(pc.equal(pc.list_value_length(maps.column("map")), h * w)).as_py()
     neighbors = maps.filter(pc.equal(maps.column("reference_kind"), "neighbor"))
@@ -139,3 +140,66 @@ def test_explain_cli_draws_the_pair_figure_and_saves_arrays(demo_run, tmp_path, 
     assert f"{float(saved['cosine']):.4f}" in capsys.readouterr().out
     gallery = cfg.output_root + "/runs/t/explain_gallery.png"
     assert open(gallery, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _localize_metrics(cfg, split: str) -> dict[str, float]:
+    metrics = read_table(table_uri(cfg.output_root, "t", "metrics", "localize")).to_pylist()
+    return {r["metric"]: r["value"] for r in metrics if r["k"] is None and r["split"] == split}
+
+
+def test_localization_rows_and_decomposition_beats_baselines(demo_run):
+    cfg, _ = demo_run
+    loc = read_table(table_uri(cfg.output_root, "t", "localization"))
+    maps = read_table(table_uri(cfg.output_root, "t", "activation_maps"), columns=["image_id"])
+    n_images = len(set(maps.column("image_id").to_pylist()))
+    n_thresholds = len(np.arange(0, 1, cfg.localize.threshold_interval))
+    n_series = len(cfg.explain.references) * len(cfg.explain.methods) + 2  # + random and centred baselines
+    keys = set(zip(*(loc.column(c).to_pylist() for c in ("image_id", "method", "reference_kind", "threshold"))))
+    assert len(keys) == loc.num_rows == n_images * n_series * n_thresholds
+    m = _localize_metrics(cfg, "test")
+    decomposition = m["loc_best_acc/neighbor/decomposition"]
+    assert decomposition > m["loc_best_acc/none/baseline_random"] + 0.2, m
+    assert decomposition > m["loc_best_acc/none/baseline_center"] + 0.1, m
+    # the threshold chosen on the held-out half transfers to the other half
+    assert m["loc_holdout_acc/neighbor/decomposition"] > m["loc_best_acc/none/baseline_center"], m
+    # activation-decomposition-tip2021 Sec. V: for a GAP head, Grad-CAM (no norm) ranks like Decomposition+Bias
+    assert abs(m["loc_best_acc/neighbor/gradcam_nonorm"] - m["loc_best_acc/neighbor/decomposition_bias"]) < 1e-9
+    assert 0 <= m["top1_loc_error/prototype/distcam"] <= 1
+
+
+def test_report_renders_in_headless_chromium(demo_run, tmp_path):
+    import subprocess
+
+    cfg, _ = demo_run
+    report = f"{cfg.output_root}/runs/t/report.html"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{report}"]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    for anchor in ("metrics", "maps", "localization-curves", "localization-table", "best-localized",
+                   "worst-localized"):
+        assert f'id="{anchor}"' in dom, anchor
+    assert dom.count("data:image/png;base64,") >= 5
+    assert "neighbor/decomposition" in dom
+
+
+def test_compare_puts_trained_and_random_models_side_by_side(demo_run, capsys):
+    from dml_ray.models.checkpoint import checkpoint_bytes, save_checkpoint
+
+    cfg, _ = demo_run
+    torch.manual_seed(cfg.train.seed)
+    ckpt = f"{cfg.output_root}/random-init.pt"
+    save_checkpoint(ckpt, checkpoint_bytes(build_model(cfg.model, cfg.data.image_size).eval(), cfg.model,
+                                           cfg.data.image_size, []))
+    random_cfg = demo_like_config(cfg.output_root, run_id="random", stages=["data", "embed", "evaluate"],
+                                  **{"model.weights": ckpt})
+    run_pipeline(random_cfg)
+    assert main(["compare", "--root", cfg.output_root, "t", "random"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    trained, random = (line.split() for line in lines[1:3])
+    assert trained[0] == "t" and random[0] == "random"
+    r1_train, r1_test, drop = (float(v) for v in trained[3:6])
+    assert abs(drop - (r1_train - r1_test)) < 1e-3
+    assert r1_test > float(random[4])
+    assert trained[6] != "-" and random[6] == "-"  # the random run was not localized
+    assert lines[-1].endswith("compare-t-vs-random.html")
