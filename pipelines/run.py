@@ -1,4 +1,4 @@
-"""A whole run: data -> train -> embed -> evaluate, each stage committed once and skipped on re-run."""
+"""A whole run: data -> train -> embed -> evaluate -> explain -> localize -> report, each stage done once."""
 from __future__ import annotations
 
 import logging

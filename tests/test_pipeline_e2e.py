@@ -9,7 +9,7 @@ import torch
 
 from dml_ray.cli import main
 from dml_ray.data.batches import decode_batch, fetch_bytes
-from dml_ray.io.schemas import embeddings_schema
+from dml_ray.io.schemas import embeddings_schema, feature_maps_schema
 from dml_ray.io.tables import committed_files, read_table, table_uri
 from dml_ray.metrics.retrieval import evaluate_retrieval
 from dml_ray.models.embedding import build_model
@@ -95,6 +95,9 @@ def test_activation_maps_one_row_per_image_reference_and_method(demo_run):
     neighbors = maps.filter(pc.equal(maps.column("reference_kind"), "neighbor"))
     assert not set(zip(neighbors.column("image_id").to_pylist(), neighbors.column("reference_id").to_pylist())) & {
         (i, i) for i in neighbors.column("image_id").to_pylist()}
+    features = read_table(table_uri(cfg.output_root, "t", "feature_maps"))
+    assert features.schema.remove_metadata().equals(feature_maps_schema(64, cfg.model.embedding_dim))
+    assert pc.all(pc.equal(pc.list_value_length(features.column("feature_map")), 64 * h * w)).as_py()
     protos = read_table(table_uri(cfg.output_root, "t", "prototypes"))
     assert set(protos.column("split").to_pylist()) == {"train", "test"}
 

@@ -63,7 +63,3 @@ def rows_ok(table: pa.Table) -> pa.Table:
     """Rows without an error, error column dropped."""
     return table.filter(pc.is_null(table.column("error"))).drop_columns(["error"])
 
-
-def rows_failed(table: pa.Table) -> pa.Table:
-    """Rows with an error."""
-    return table.filter(pc.is_valid(table.column("error")))

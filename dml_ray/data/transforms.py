@@ -45,8 +45,3 @@ def train_transform(image_size: int) -> v2.Compose:
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
-
-def to_batch(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack transformed images into a contiguous batch tensor."""
-    return torch.stack(images).contiguous()
-
