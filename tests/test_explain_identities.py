@@ -38,6 +38,7 @@ from dml_ray.explain import (
     upsample_map,
 )
 from dml_ray.models.heads import EmbeddingHead
+from tests.heads import random_eval_head
 
 C, GRID_Q, GRID_R = 5, (3, 4), (2, 5)
 HEADS = {
@@ -58,17 +59,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 def make_head(name: str, seed: int = 0) -> EmbeddingHead:
     """A float64 eval-mode head with random FC biases and random BN statistics."""
-    torch.manual_seed(seed)
-    head = EmbeddingHead(C, map_size=GRID_Q, **HEADS[name]).double()
-    for m in head.modules():
-        if isinstance(m, nn.Linear):
-            m.bias.data.normal_()
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return head.eval()
+    return random_eval_head(C, GRID_Q, seed=seed, **HEADS[name])
 
 
 def make_maps(name: str, b: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

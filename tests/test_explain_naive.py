@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from dml_ray.explain import (
     bias_terms,
@@ -32,6 +31,7 @@ from dml_ray.explain import (
     similarity_gradients,
 )
 from dml_ray.models.heads import EmbeddingHead
+from tests.heads import random_eval_head
 
 C, GRID_Q = 4, (3, 2)
 HEADS = {
@@ -44,17 +44,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 def make_head(name: str) -> EmbeddingHead:
     """A float64 eval-mode head with random FC biases and random BN statistics."""
-    torch.manual_seed(0)
-    head = EmbeddingHead(C, map_size=GRID_Q, **HEADS[name]).double()
-    for m in head.modules():
-        if isinstance(m, nn.Linear):
-            m.bias.data.normal_()
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return head.eval()
+    return random_eval_head(C, GRID_Q, seed=0, **HEADS[name])
 
 
 def random_pairs(name: str, b: int = 3):

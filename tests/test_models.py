@@ -1,12 +1,12 @@
 import pytest
 import torch
-from torch import nn
 
 from dml_ray.config import ModelConfig
 from dml_ray.models.backbones import build_backbone
 from dml_ray.models.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from dml_ray.models.embedding import build_model
 from dml_ray.models.heads import EmbeddingHead, gmp_mask
+from tests.heads import random_eval_head
 
 HEADS = [
     dict(pooling="gap", embedding_dim=None),
@@ -21,21 +21,9 @@ HEADS = [
 ]
 
 
-def _randomise_bn(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-
-
 @pytest.mark.parametrize("kw", HEADS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_equivalent_features_sum_to_raw_embedding(kw):
-    torch.manual_seed(0)
-    head = EmbeddingHead(8, map_size=(3, 4), **kw).double()
-    _randomise_bn(head)
-    head.eval()
+    head = random_eval_head(8, (3, 4), **kw)
     a = torch.relu(torch.randn(5, 8, 3, 4, dtype=torch.float64))
     e, bias = head.equivalent_features(a)
     assert e.shape == (5, 3, 4, head.out_dim) and bias.shape == (5, head.out_dim)

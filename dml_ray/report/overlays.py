@@ -1,7 +1,6 @@
 """Activation-map overlays on images, and the paper's Fig. 4 style pair comparison."""
 from __future__ import annotations
 
-import io
 from typing import Optional, Sequence
 
 import matplotlib
@@ -12,6 +11,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dml_ray.explain.decomposition import upsample_map  # noqa: E402
+from dml_ray.report.plots import figure_png  # noqa: E402
 
 METHOD_TITLES = {"decomposition": "Decomposition", "decomposition_bias": "Decomposition+Bias", "distcam": "Dist-CAM",
                  "gradcam": "Grad-CAM", "gradcam_nonorm": "Grad-CAM (no norm)", "rgradcam": "RGrad-CAM"}
@@ -33,13 +33,6 @@ def overlay(ax, image: np.ndarray, activation: Optional[np.ndarray], title: str 
     ax.axis("off")
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.ndarray],
                 methods: Sequence[str]) -> bytes:
     """PNG: every method on the query (top row) and the reference (bottom row), plus the point-specific map
@@ -57,8 +50,7 @@ def pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.n
     axes[0, -1].plot([(col + 0.5) * query.shape[1] / grid[1]], [(row + 0.5) * query.shape[0] / grid[0]],
                      marker="x", color="white", markersize=12, mew=3)
     overlay(axes[1, -1], reference, arrays["point_specific_reference"], "point-specific")
-    fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def gallery_figure(images: Sequence[np.ndarray], maps: Sequence[dict[str, np.ndarray]], methods: Sequence[str],
@@ -70,8 +62,7 @@ def gallery_figure(images: Sequence[np.ndarray], maps: Sequence[dict[str, np.nda
         overlay(axes[r, 0], image, None, title)
         for c, method in enumerate(methods, start=1):
             overlay(axes[r, c], image, image_maps.get(method), METHOD_TITLES.get(method, method) if r == 0 else "")
-    fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def boxes_gallery(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], predicted: Sequence[Sequence[float]],
@@ -88,5 +79,4 @@ def boxes_gallery(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], pred
         for box, colour in ((gt, "lime"), (pred, "white")):
             ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                    edgecolor=colour, linewidth=1.8))
-    fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)

@@ -10,6 +10,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 
+def figure_png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (the figure is closed)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_summary_png(metrics: pa.Table, title: str) -> bytes:
     """PNG bytes: loss and images/s per epoch (stage train) beside Recall@K per split (stage evaluate)."""
     rows = metrics.to_pylist()
@@ -43,11 +52,7 @@ def run_summary_png(metrics: pa.Table, title: str) -> bytes:
     if splits:
         ax.legend(loc="lower right")
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def localization_curves_png(metrics: pa.Table, title: str) -> bytes:
@@ -68,8 +73,4 @@ def localization_curves_png(metrics: pa.Table, title: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
