@@ -14,8 +14,16 @@ from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join, url_to_fs
 from dml_ray.io.schemas import METRICS_SCHEMA
-from dml_ray.io.tables import (is_committed, read_table, run_uri, set_latest, staging_uri, table_uri,
-                               update_manifest, write_table)
+from dml_ray.io.tables import (
+    is_committed,
+    read_table,
+    run_uri,
+    set_latest,
+    staging_uri,
+    table_uri,
+    update_manifest,
+    write_table,
+)
 from dml_ray.models.checkpoint import versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed

@@ -12,7 +12,8 @@ from typing import Any
 import pyarrow.compute as pc
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from dml_ray.config import RunConfig, parse_config

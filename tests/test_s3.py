@@ -139,8 +139,15 @@ def test_fetch_bytes_missing_object_is_a_row_error(so):
 
 
 def test_write_commit_read_table(so):
-    from dml_ray.io.tables import (COMMIT_MARKER, TableExistsError, is_committed, read_table, staging_uri,
-                                   table_uri, write_table)
+    from dml_ray.io.tables import (
+        COMMIT_MARKER,
+        TableExistsError,
+        is_committed,
+        read_table,
+        staging_uri,
+        table_uri,
+        write_table,
+    )
 
     out = f"s3://{BUCKET}/out"
     final = table_uri(out, "r1", "t")

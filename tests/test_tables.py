@@ -5,8 +5,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from dml_ray.io.query import connect
-from dml_ray.io.tables import (TableExistsError, commit_table, committed_tables, is_committed, read_table,
-                               set_latest, staging_uri, table_uri, update_manifest, write_table)
+from dml_ray.io.tables import (
+    TableExistsError,
+    commit_table,
+    committed_tables,
+    is_committed,
+    read_table,
+    set_latest,
+    staging_uri,
+    table_uri,
+    update_manifest,
+    write_table,
+)
 
 
 def _write(tmp_uri, table, name="x.parquet"):

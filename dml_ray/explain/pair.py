@@ -7,8 +7,12 @@ import numpy as np
 import torch
 
 from dml_ray.explain.batch import GRADIENT_METHODS
-from dml_ray.explain.decomposition import (decomposition_bias_map, decomposition_map, point_specific_map,
-                                           point_to_point_map)
+from dml_ray.explain.decomposition import (
+    decomposition_bias_map,
+    decomposition_map,
+    point_specific_map,
+    point_to_point_map,
+)
 from dml_ray.explain.distcam import dist_cam, gap_feature
 from dml_ray.explain.gradcam import similarity_gradients
 from dml_ray.models.embedding import EmbeddingModel
