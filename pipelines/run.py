@@ -188,8 +188,8 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
         figure = join(summary.run_uri, "summary.png")
         fs, path = url_to_fs(figure, so)
         if not fs.exists(path):
-            png = run_summary_png(read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so), f"run {cfg.run_id}")
-            fs.pipe_file(path, png)
+            metrics = read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so)
+            fs.pipe_file(path, run_summary_png(metrics, f"run {cfg.run_id}"))
         summary.figure = figure
     report = join(summary.run_uri, REPORT_FILE)
     summary.report = report if _exists(report, so) else None
