@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
-Stage = Literal["data", "train", "embed", "evaluate", "explain", "localize", "report"]
+Stage = Literal["data", "train", "embed", "evaluate", "knn", "explain", "localize", "report"]
 MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam"]
 
 
@@ -125,6 +125,25 @@ class EvaluateConfig(Strict):
         return ks
 
 
+class KnnConfig(Strict):
+    k1: int = Field(30, ge=1, description="neighbours per image besides itself (intra-batch-mpn Sec. 3.4)")
+    k: Optional[int] = Field(None, ge=1, description="reciprocal neighbourhood size; default k1")
+    batch_size: int = Field(30, ge=1, description="test-time MPN batch size (<= k1 + 1)")
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    index: Literal["exact", "ivf", "hnsw"] = "exact"
+    index_params: dict[str, Any] = Field(default_factory=dict)
+    splits: Optional[list[str]] = Field(None, description="default: the evaluated splits")
+    shards: int = Field(4, ge=1, description="Ray tasks the queries are split over")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "KnnConfig":
+        if self.batch_size > self.k1 + 1:
+            raise ValueError(f"batch_size {self.batch_size} exceeds k1 + 1 = {self.k1 + 1}")
+        if (self.k or self.k1) > self.k1:
+            raise ValueError(f"k {self.k} exceeds k1 {self.k1}")
+        return self
+
+
 class ExplainConfig(Strict):
     methods: list[MapMethod] = Field(default_factory=lambda: ["decomposition", "decomposition_bias", "distcam"])
     references: list[Literal["neighbor", "prototype"]] = Field(default_factory=lambda: ["neighbor", "prototype"],
@@ -157,6 +176,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     embed: EmbedConfig = EmbedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    knn: KnnConfig = KnnConfig()
     explain: ExplainConfig = ExplainConfig()
     localize: LocalizeConfig = LocalizeConfig()
 

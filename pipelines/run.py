@@ -1,4 +1,4 @@
-"""A whole run: data -> train -> embed -> evaluate -> explain -> localize -> report, each stage done once."""
+"""A whole run: data -> train -> embed -> evaluate -> knn -> explain -> localize -> report, each stage done once."""
 from __future__ import annotations
 
 import logging
@@ -29,6 +29,7 @@ from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
 from pipelines.evaluate import evaluated_splits, run_evaluate
 from pipelines.explain import maps_gallery_png, run_explain
+from pipelines.knn import run_knn
 from pipelines.localize import run_localize
 from pipelines.ray_env import ensure_ray
 from pipelines.report import REPORT_FILE, write_report
@@ -104,6 +105,16 @@ def _stage_evaluate(cfg: RunConfig) -> dict:
     return {"rows": metrics.num_rows}
 
 
+def _stage_knn(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
+    splits = cfg.knn.splits or evaluated_splits(embeddings, cfg.evaluate)
+    neighbors = run_knn(embeddings, splits, cfg.knn, cfg.run_id)
+    write_table(neighbors, table_uri(cfg.output_root, cfg.run_id, "neighbors"),
+                staging_uri(cfg.output_root, cfg.run_id, "neighbors"), so)
+    return {"rows": neighbors.num_rows}
+
+
 def _stage_explain(cfg: RunConfig) -> dict:
     so = cfg.data.storage_options or None
     splits = cfg.explain.splits or evaluated_splits(read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"),
@@ -156,6 +167,7 @@ STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], bool]
     "train": (_stage_train, _committed("metrics", "train")),
     "embed": (_stage_embed, _committed("embeddings")),
     "evaluate": (_stage_evaluate, _committed("metrics", "evaluate")),
+    "knn": (_stage_knn, _committed("neighbors")),
     "explain": (_stage_explain, _committed("activation_maps")),
     "localize": (_stage_localize, _committed("metrics", "localize")),
     "report": (_stage_report, lambda c: _exists(join(run_uri(c.output_root, c.run_id), REPORT_FILE),

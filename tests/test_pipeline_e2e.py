@@ -32,7 +32,7 @@ def _recall_at_1(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray) ->
 
 def test_every_stage_ran_and_committed(demo_run):
     cfg, summary = demo_run
-    assert summary.ran == ["data", "train", "embed", "evaluate", "explain", "localize", "report"]
+    assert summary.ran == ["data", "train", "embed", "evaluate", "knn", "explain", "localize", "report"]
     images = read_table(table_uri(cfg.output_root, "t", "images"))
     emb = read_table(table_uri(cfg.output_root, "t", "embeddings"))
     errors = read_table(table_uri(cfg.output_root, "t", "errors"))
@@ -66,10 +66,11 @@ def test_training_beats_random_initialisation(demo_run):
 
 def test_rerun_skips_committed_stages_and_changes_nothing(demo_run):
     cfg, _ = demo_run
-    tables = ("images", "embeddings", "metrics", "feature_maps", "prototypes", "activation_maps", "localization")
+    tables = ("images", "embeddings", "metrics", "feature_maps", "prototypes", "activation_maps", "localization",
+              "neighbors")
     before = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in tables}
     again = run_pipeline(cfg)
-    assert again.ran == [] and again.skipped == ["data", "train", "embed", "evaluate", "explain", "localize", "report"]
+    assert again.ran == [] and again.skipped == list(cfg.stages)
     after = {t: committed_files(table_uri(cfg.output_root, "t", t)) for t in before}
     assert before == after
 
@@ -206,3 +207,23 @@ def test_compare_puts_trained_and_random_models_side_by_side(demo_run, capsys):
     assert r1_test > float(random[4])
     assert trained[6] != "-" and random[6] == "-"  # the random run was not localized
     assert lines[-1].endswith("compare-t-vs-random.html")
+
+
+def test_neighbors_table_matches_a_single_process_graph(demo_run):
+    from dml_ray.retrieval.knn_graph import knn_graph
+    from dml_ray.retrieval.prototypes import fixed_list_to_numpy
+
+    cfg, _ = demo_run
+    neighbors = read_table(table_uri(cfg.output_root, "t", "neighbors"))
+    emb = read_table(table_uri(cfg.output_root, "t", "embeddings"))
+    test_emb = emb.filter(pc.equal(emb.column("split"), "test"))
+    ids = np.asarray(test_emb.column("image_id").to_pylist(), dtype=object)
+    expected, _ = knn_graph(fixed_list_to_numpy(test_emb.column("embedding")), cfg.knn.k1)
+    rows = {r["image_id"]: r for r in neighbors.filter(pc.equal(neighbors.column("split"), "test")).to_pylist()}
+    assert set(rows) == set(ids)
+    for i, image_id in enumerate(ids):
+        row = rows[image_id]
+        assert row["neighbor_ids"] == list(ids[expected[i]])
+        assert row["batch_ids"][0] == row["reciprocal_ids"][0] == image_id
+        assert len(row["batch_ids"]) == len(set(row["batch_ids"])) == cfg.knn.batch_size
+        assert set(row["batch_ids"]) <= set(row["reciprocal_ids"]) | set(row["neighbor_ids"])

@@ -119,6 +119,19 @@ LOCALIZATION_SCHEMA = pa.schema(
 )
 
 
+NEIGHBORS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("split", pa.string()),
+        ("neighbor_ids", pa.list_(pa.string())),
+        ("distances", pa.list_(pa.float32())),
+        ("reciprocal_ids", pa.list_(pa.string())),
+        ("batch_ids", pa.list_(pa.string())),
+    ]
+)
+
+
 def validate_images(table: pa.Table) -> pa.Table:
     """Cast ``table`` to IMAGES_SCHEMA, raising a one-line error naming what is wrong."""
     missing = [n for n in IMAGES_SCHEMA.names if n not in table.column_names]
