@@ -56,7 +56,8 @@ def build_prototypes(embeddings: pa.Table, features: pa.Table, run_id: str, spli
     its own split's prototypes (the mean over that class's images there, as Dist-CAM's support set).
     """
     parts = []
-    for split in dict.fromkeys(["train", *splits]):
+    # In-Shop queries take the gallery's prototypes
+    for split in dict.fromkeys(["train", *splits, *(["gallery"] if "query" in splits else [])]):
         rows = embeddings.filter(pc.equal(embeddings.column("split"), split))
         if rows.num_rows == 0:
             raise ValueError(f"explain: no {split!r} embeddings to build class prototypes from (embed.splits)")
