@@ -218,8 +218,9 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
     sfs, spath = pyarrow_fs(staging, so)
     ds.write_parquet(spath, filesystem=sfs)
     if cfg.pairs:
-        full = read_table(fm_uri, so)
-        pq.write_table(pair_rows(checkpoint_uri, full, cfg.pairs, run_id, so), f"{spath}/pairs.parquet",
+        wanted = sorted({i for pair in cfg.pairs for i in pair})
+        pair_features = read_table(fm_uri, so, filters=pc.field("image_id").isin(wanted))
+        pq.write_table(pair_rows(checkpoint_uri, pair_features, cfg.pairs, run_id, so), f"{spath}/pairs.parquet",
                        filesystem=sfs)
     marker = commit_table(staging, table_uri(output_root, run_id, "activation_maps"), so)
     seconds = time.perf_counter() - start

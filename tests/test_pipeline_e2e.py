@@ -227,3 +227,25 @@ def test_neighbors_table_matches_a_single_process_graph(demo_run):
         assert row["batch_ids"][0] == row["reciprocal_ids"][0] == image_id
         assert len(row["batch_ids"]) == len(set(row["batch_ids"])) == cfg.knn.batch_size
         assert set(row["batch_ids"]) <= set(row["reciprocal_ids"]) | set(row["neighbor_ids"])
+
+
+def test_explain_stage_stores_point_to_point_tensors_for_configured_pairs(demo_run):
+    import shutil
+
+    from pipelines.explain import run_explain
+    from pipelines.train import model_uri
+
+    cfg, _ = demo_run
+    run = f"{cfg.output_root}/runs"
+    shutil.copytree(f"{run}/t", f"{run}/pairs", ignore=shutil.ignore_patterns("activation_maps", "prototypes"))
+    images = read_table(table_uri(cfg.output_root, "t", "images"))
+    test_ids = images.filter(pc.equal(images.column("split"), "test")).column("image_id").to_pylist()
+    pairs = [(test_ids[0], test_ids[1]), (test_ids[2], test_ids[0])]
+    explain = cfg.explain.model_copy(update={"pairs": pairs, "methods": ["decomposition"],
+                                             "references": ["neighbor"]})
+    result = run_explain(model_uri(cfg.output_root, "t"), cfg.output_root, "pairs", explain, ["test"])
+    maps = read_table(result.activation_maps_uri)
+    p2p = maps.filter(pc.equal(maps.column("method"), "point_to_point")).to_pylist()
+    assert [(r["image_id"], r["reference_id"]) for r in p2p] == pairs
+    assert all(len(r["map"]) == (r["map_h"] * r["map_w"]) ** 2 and r["reference_kind"] == "pair" for r in p2p)
+    assert maps.num_rows == len(test_ids) + len(pairs)

@@ -117,8 +117,9 @@ def committed_files(uri: str, storage_options: Optional[dict] = None) -> list[st
     return files
 
 
-def read_table(uri: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None) -> pa.Table:
-    """Read a committed table (only the files its marker lists)."""
+def read_table(uri: str, storage_options: Optional[dict] = None, columns: Optional[list[str]] = None,
+               filters: Optional[Any] = None) -> pa.Table:
+    """Read a committed table (only the files its marker lists); ``filters`` as pyarrow.parquet takes them."""
     files = committed_files(uri, storage_options)
     fs, _ = url_to_fs(uri, storage_options)
     if not files:
@@ -126,7 +127,7 @@ def read_table(uri: str, storage_options: Optional[dict] = None, columns: Option
     tables = []
     for f in files:
         with fs.open(f, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns))
+            tables.append(pq.read_table(handle, columns=columns, filters=filters))
     return pa.concat_tables(tables, promote_options="permissive")
 
 
