@@ -1,6 +1,8 @@
 """Failure handling on a real local Ray instance: corrupt inputs, error budget, a killed training worker."""
 from __future__ import annotations
 
+import os
+
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -28,8 +30,6 @@ def damaged_dataset(tmp_path_factory):
     uris = images.column("uri").to_pylist()
     with open(uris[3], "wb") as f:
         f.write(b"\xff\xd8 this is not a jpeg")
-    import os
-
     os.remove(uris[7])
     torch.manual_seed(0)
     cfg = demo_like_config(str(root)).model
