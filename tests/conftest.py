@@ -17,7 +17,7 @@ def ray_session():
     """One Ray instance (2 CPUs) shared by every test that needs Ray."""
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = 120
