@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
-Stage = Literal["data", "train", "embed", "evaluate", "knn", "explain", "localize", "report"]
+Stage = Literal["data", "train", "embed", "evaluate", "knn", "mpn", "explain", "localize", "report"]
 MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam"]
 
 
@@ -42,7 +42,23 @@ class DataConfig(Strict):
         return self
 
 
+class MPNConfig(Strict):
+    """Message passing network on top of the backbone embedding (intra-batch-mpn Sec. 3.1, Table 1)."""
+
+    num_layers: int = Field(1, ge=1, description="L (Table 1: CUB 1, Cars196 2, SOP 1, In-Shop 1)")
+    num_heads: int = Field(2, ge=1, description="M (Table 1: CUB 2, Cars196 8, SOP 8, In-Shop 4)")
+    temperature: float = Field(0.2, gt=0, description="tau (Table 1: CUB 0.20, Cars196 0.11, SOP 0.60, In-Shop 0.19)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="epsilon of both cross-entropies (Sec. 3.1)")
+    aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary backbone cross-entropy")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    ff_dim: Optional[int] = Field(None, ge=1, description="hidden width of the FF layers; default 4 d")
+
+
 class ModelConfig(Strict):
+    kind: Literal["embedding", "mpn"] = Field(
+        "embedding", description="embedding: trained with train.loss; mpn: backbone + message passing network "
+                                 "trained with cross-entropy (the embeddings table still comes from the backbone)")
+    mpn: MPNConfig = MPNConfig()
     backbone: str = "resnet50"
     weights: str = Field("none", description="'none' (random init), 'imagenet' or a checkpoint path")
     pooling: Literal["gap", "gmp", "flatten"] = "gap"
@@ -54,6 +70,9 @@ class ModelConfig(Strict):
     def _fc_needed(self) -> "ModelConfig":
         if self.embedding_dim is None and (self.hidden_dims or self.bn):
             raise ValueError("hidden_dims and bn need an embedding_dim")
+        if self.kind == "mpn" and self.embedding_dim is not None and self.embedding_dim % self.mpn.num_heads:
+            raise ValueError(f"embedding_dim {self.embedding_dim} is not divisible by mpn.num_heads "
+                             f"{self.mpn.num_heads}")
         return self
 
 
@@ -93,6 +112,8 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0)
     seed: int = 0
     loader_workers: int = Field(0, ge=0, description="torch DataLoader processes per Ray Train worker")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability of random erasing after normalisation "
+                                                                "(intra-batch-mpn Sec. 3.2 uses 0.5)")
 
 
 class EmbedConfig(Strict):

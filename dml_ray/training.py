@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from typing import Iterable, Optional
 
 import torch
@@ -10,13 +11,17 @@ from torch import nn
 from dml_ray.config import OptimizerConfig, SchedulerConfig
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module, extra: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-    """Optimizer over the backbone (lr) and the head plus loss parameters (lr * head_lr_multiplier)."""
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module, objective: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+    """Optimizer over the backbone (lr) and every other model and objective parameter (lr * head_lr_multiplier)."""
     net = getattr(model, "module", model)
-    head_params = list(net.head.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    backbone, rest = [], []
+    for name, param in net.named_parameters():
+        (backbone if name.startswith("backbone.") else rest).append(param)
+    if objective is not None:
+        rest += list(objective.parameters())
     groups = [
-        {"params": list(net.backbone.parameters()), "lr": cfg.lr},
-        {"params": head_params, "lr": cfg.lr * cfg.head_lr_multiplier},
+        {"params": backbone, "lr": cfg.lr},
+        {"params": rest, "lr": cfg.lr * cfg.head_lr_multiplier},
     ]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
@@ -36,23 +41,24 @@ def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epoc
     return None
 
 
-def train_epoch(model: nn.Module, loss_fn: nn.Module, miner: Optional[nn.Module], optimizer: torch.optim.Optimizer,
-                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                loss_scale: float = 1.0) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss (divided by ``loss_scale``), steps, images and seconds."""
+def train_epoch(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """One pass over ``batches``: the mean of every statistic the objective reports, plus steps, images, seconds."""
     model.train()
-    total, steps, images = 0.0, 0, 0
+    objective.train()
+    totals: dict[str, float] = defaultdict(float)
+    steps, images = 0, 0
     start = time.perf_counter()
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        embeddings = model(x).embedding
-        indices = miner(embeddings, y) if miner is not None else None
-        loss = loss_fn(embeddings, y, indices)
+        loss, stats = objective(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) / loss_scale
+        for name, value in stats.items():
+            totals[name] += value
         steps += 1
         images += len(y)
     seconds = time.perf_counter() - start
-    return {"loss": total / max(steps, 1), "steps": steps, "images": images, "seconds": seconds}
+    return {**{name: total / max(steps, 1) for name, total in totals.items()},
+            "steps": steps, "images": images, "seconds": seconds}

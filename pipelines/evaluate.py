@@ -69,8 +69,8 @@ def evaluate_split(query: pa.Table, db: pa.Table, ks: list[int], cfg: EvaluateCo
 
 
 def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_id: str,
-                 splits: Optional[list[str]] = None, num_threads: int = 1) -> pa.Table:
-    """Evaluate every configured split of an embeddings table; returns ``metrics`` rows."""
+                 splits: Optional[list[str]] = None, num_threads: int = 1, stage: str = "evaluate") -> pa.Table:
+    """Evaluate every configured split of an embeddings table; returns ``metrics`` rows tagged ``stage``."""
     start = time.perf_counter()
     rows = []
     for name, q_split, d_split in evaluation_pairs(splits or evaluated_splits(embeddings, cfg)):
@@ -82,6 +82,6 @@ def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_i
         if len(usable) < len(ks):
             log.warning("evaluate: dropping K > database size for %s: %s", name, sorted(set(ks) - set(usable)))
         for row in evaluate_split(query, db, usable, cfg, num_threads):
-            rows.append({"run_id": run_id, "stage": "evaluate", "split": name, **row})
+            rows.append({"run_id": run_id, "stage": stage, "split": name, **row})
     log.info("evaluate: %d metric rows in %.1f s", len(rows), time.perf_counter() - start)
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)

@@ -1,4 +1,4 @@
-"""A whole run: data -> train -> embed -> evaluate -> knn -> explain -> localize -> report, each stage done once."""
+"""A whole run: data -> train -> embed -> evaluate -> knn -> mpn -> explain -> localize -> report, each stage once."""
 from __future__ import annotations
 
 import logging
@@ -24,13 +24,14 @@ from dml_ray.io.tables import (
     update_manifest,
     write_table,
 )
-from dml_ray.models.checkpoint import versions
+from dml_ray.models.checkpoint import load_checkpoint, versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
 from pipelines.evaluate import evaluated_splits, run_evaluate
 from pipelines.explain import maps_gallery_png, run_explain
 from pipelines.knn import run_knn
 from pipelines.localize import run_localize
+from pipelines.mpn import run_mpn
 from pipelines.ray_env import ensure_ray
 from pipelines.report import REPORT_FILE, write_report
 from pipelines.train import model_uri, run_train
@@ -80,7 +81,8 @@ def _stage_train(cfg: RunConfig) -> dict:
     images = table_uri(cfg.output_root, cfg.run_id, "images")
     result = run_train(images, cfg)
     rows = [{"run_id": cfg.run_id, "stage": "train", "split": "train", "metric": name, "k": int(h["epoch"]),
-             "value": float(h[name])} for h in result.history for name in ("loss", "images_per_s")]
+             "value": float(value)} for h in result.history for name, value in h.items()
+            if name not in ("epoch", "attempt", "steps", "seconds")]
     so = cfg.data.storage_options or None
     write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA),
                 table_uri(cfg.output_root, cfg.run_id, "metrics", "train"),
@@ -113,6 +115,40 @@ def _stage_knn(cfg: RunConfig) -> dict:
     write_table(neighbors, table_uri(cfg.output_root, cfg.run_id, "neighbors"),
                 staging_uri(cfg.output_root, cfg.run_id, "neighbors"), so)
     return {"rows": neighbors.num_rows}
+
+
+def _stage_mpn(cfg: RunConfig) -> dict:
+    so = cfg.data.storage_options or None
+    checkpoint = _checkpoint(cfg)
+    loaded = load_checkpoint(checkpoint, so)
+    if loaded.model_config.kind != "mpn":
+        log.info("stage mpn: the model has no message passing network, nothing to refine")
+        return {"refined": False}
+    embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
+    neighbors = read_table(table_uri(cfg.output_root, cfg.run_id, "neighbors"), so)
+    splits = sorted(set(neighbors.column("split").to_pylist()))
+    refined = run_mpn(embeddings, neighbors, splits, checkpoint, f"{loaded.model_id}+mpn", cfg.run_id,
+                      cfg.knn.shards, cfg.num_threads, so)
+    write_table(refined, table_uri(cfg.output_root, cfg.run_id, "mpn_embeddings"),
+                staging_uri(cfg.output_root, cfg.run_id, "mpn_embeddings"), so)
+    ks = cfg.evaluate.ks or default_ks(cfg.data.kind)
+    evaluated = [s for s in evaluated_splits(refined, cfg.evaluate) if s in splits]
+    metrics = run_evaluate(refined, ks, cfg.evaluate, cfg.run_id, splits=evaluated, num_threads=cfg.num_threads,
+                           stage="mpn")
+    write_table(metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "mpn"),
+                staging_uri(cfg.output_root, cfg.run_id, "metrics", "mpn"), so)
+    return {"refined": True, "rows": refined.num_rows}
+
+
+def _mpn_done(cfg: RunConfig) -> bool:
+    """Refined and evaluated, or nothing to refine because the run's model has no MPN."""
+    if _committed("metrics", "mpn")(cfg):
+        return True
+    so = cfg.data.storage_options or None
+    own = model_uri(cfg.output_root, cfg.run_id)
+    if cfg.model.weights in ("none", "imagenet") and not _exists(own, so):
+        return False
+    return load_checkpoint(_checkpoint(cfg), so).model_config.kind != "mpn"
 
 
 def _stage_explain(cfg: RunConfig) -> dict:
@@ -168,6 +204,7 @@ STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], bool]
     "embed": (_stage_embed, _committed("embeddings")),
     "evaluate": (_stage_evaluate, _committed("metrics", "evaluate")),
     "knn": (_stage_knn, _committed("neighbors")),
+    "mpn": (_stage_mpn, _mpn_done),
     "explain": (_stage_explain, _committed("activation_maps")),
     "localize": (_stage_localize, _committed("metrics", "localize")),
     "report": (_stage_report, lambda c: _exists(join(run_uri(c.output_root, c.run_id), REPORT_FILE),

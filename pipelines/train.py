@@ -22,9 +22,9 @@ from dml_ray.data.samplers import RankAwarePKBatchSampler
 from dml_ray.data.transforms import train_transform
 from dml_ray.io.fs import join, pyarrow_fs
 from dml_ray.io.tables import read_table, run_uri
-from dml_ray.losses.factory import build_loss, build_miner, wrap_distributed
 from dml_ray.models.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from dml_ray.models.embedding import build_model
+from dml_ray.objectives import build_objective, distribute
 from dml_ray.training import build_optimizer, build_scheduler, train_epoch
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     so = cfg.data.storage_options or None
 
     uris, labels, class_names = _train_split(loop_config["images_uri"], so)
-    dataset = ImageTableDataset(uris, labels, train_transform(cfg.data.image_size), so)
+    dataset = ImageTableDataset(uris, labels, train_transform(cfg.data.image_size, cfg.train.random_erasing), so)
     sampler = RankAwarePKBatchSampler(labels, cfg.train.classes_per_batch, cfg.train.samples_per_class,
                                       num_replicas=world, rank=rank, seed=cfg.train.seed,
                                       steps_per_epoch=cfg.train.steps_per_epoch)
@@ -77,9 +77,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = _initial_model(cfg)
-    loss_fn = build_loss(cfg.train.loss, len(class_names), model.embedding_dim).to(device)
-    miner = build_miner(cfg.train.loss)
-    optimizer = build_optimizer(cfg.train.optimizer, model, loss_fn)
+    objective = build_objective(cfg.model, cfg.train, len(class_names), model.embedding_dim).to(device)
+    optimizer = build_optimizer(cfg.train.optimizer, model, objective)
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs)
     start_epoch, history, attempt = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
@@ -87,29 +86,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
+        objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, attempt = state["epoch"] + 1, state["history"], state["attempt"] + 1
         log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     ddp_model = ray.train.torch.prepare_model(model)
-    dist_loss, dist_miner = wrap_distributed(loss_fn, miner)
+    dist_objective = distribute(objective)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         _maybe_fail(loop_config, epoch, rank)
         sampler.set_epoch(epoch)
-        stats = train_epoch(ddp_model, dist_loss, dist_miner, optimizer, loader, device, loss_scale=world)
+        stats = train_epoch(ddp_model, dist_objective, optimizer, loader, device)
         if scheduler is not None:
             scheduler.step()
-        record = {"epoch": epoch, "attempt": attempt, "loss": stats["loss"], "steps": stats["steps"],
-                  "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
-                  "seconds": stats["seconds"]}
+        images = stats.pop("images")
+        record = {**stats, "epoch": epoch, "attempt": attempt,
+                  "images_per_s": images * world / max(stats["seconds"], 1e-9)}
         history.append(record)
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
-                state = {"model": model.state_dict(), "loss": loss_fn.state_dict(),
+                state = {"model": model.state_dict(), "objective": objective.state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else {},
                          "epoch": epoch, "attempt": attempt, "history": history}
@@ -117,12 +116,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 with open(os.path.join(folder, MODEL_FILE), "wb") as f:
                     f.write(checkpoint_bytes(model, cfg.model, cfg.data.image_size, class_names,
                                              extra={"epoch": epoch, "loss": cfg.train.loss.name,
-                                                    "resize": cfg.data.resize}))
+                                                    "resize": cfg.data.resize},
+                                             objective=objective))
                 ckpt = ray.train.Checkpoint.from_directory(folder)
                 log.info("epoch %d: loss %.4f, %.1f images/s", epoch, record["loss"], record["images_per_s"])
             ray.train.report(record, checkpoint=ckpt)
     # DDP wrappers hold the process group: free them before Ray Train destroys it
-    del ddp_model, dist_loss, dist_miner
+    del ddp_model, dist_objective
     gc.collect()
 
 

@@ -35,13 +35,22 @@ def display_view(image: Image.Image, resize: int, image_size: int) -> torch.Tens
     return view(image).permute(1, 2, 0)
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """Training augmentation: random resized crop and horizontal flip (the usual DML recipe)."""
-    return v2.Compose([
+# intra-batch-mpn Sec. 3.2: erase 2-40 % of the area, aspect 0.3-3.3, fill (0.4914, 0.4822, 0.4465)
+ERASING_SCALE = (0.02, 0.4)
+ERASING_RATIO = (0.3, 3.3)
+ERASING_VALUE = (0.4914, 0.4822, 0.4465)
+
+
+def train_transform(image_size: int, random_erasing: float = 0.0) -> v2.Compose:
+    """Training augmentation: random resized crop, horizontal flip, then random erasing with this probability."""
+    steps = [
         v2.PILToTensor(),
         v2.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    ]
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(random_erasing, ERASING_SCALE, ERASING_RATIO, list(ERASING_VALUE)))
+    return v2.Compose(steps)
 

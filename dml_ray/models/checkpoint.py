@@ -26,6 +26,7 @@ class LoadedModel:
     class_names: list[str]
     model_id: str
     extra: dict[str, Any]
+    objective_state: dict[str, torch.Tensor]
 
 
 def versions() -> dict[str, str]:
@@ -48,12 +49,13 @@ def checkpoint_bytes(
     image_size: int,
     class_names: list[str],
     extra: Optional[dict[str, Any]] = None,
+    objective: Optional[torch.nn.Module] = None,
 ) -> bytes:
-    """Serialise a model and its metadata; plain tensors and Python values only (weights_only-safe)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """Serialise a model, its training objective's parameters (e.g. the MPN) and metadata (weights_only-safe)."""
     payload = {
         "format": 1,
-        "state_dict": state,
+        "state_dict": _cpu_state(model),
+        "objective_state": _cpu_state(objective) if objective is not None else {},
         "model_config": model_config.model_dump(mode="json"),
         "image_size": int(image_size),
         "class_names": list(class_names),
@@ -63,6 +65,10 @@ def checkpoint_bytes(
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def save_checkpoint(uri: str, data: bytes, storage_options: Optional[dict] = None) -> None:
@@ -94,4 +100,4 @@ def load_checkpoint(uri: str, storage_options: Optional[dict] = None, map_locati
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return LoadedModel(model, cfg, payload["image_size"], payload["class_names"], model_id_of(data, cfg.backbone),
-                       payload["extra"])
+                       payload["extra"], payload.get("objective_state", {}))

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 
 class MPNOutput(NamedTuple):
-    """A forward pass: refined features (B x d), class logits (B x C), attention (L x M x B x B)."""
+    """A forward pass: refined features (B x d), class logits (B x C), attention (L x M x B x B); G x ... for G graphs."""
 
     features: torch.Tensor
     logits: torch.Tensor
@@ -57,14 +57,14 @@ class MessagePassingLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Updated node features (B x d) and attention weights (M x B x B, rows sum to 1)."""
-        b, d = h.shape
+        """Updated node features (G x B x d) and attention weights (G x M x B x B, rows sum to 1) of G graphs."""
+        g, b, d = h.shape
         heads = (self.num_heads, d // self.num_heads)
-        q = self.query(h).view(b, *heads).transpose(0, 1)  # M x B x d/M
-        k = self.key(h).view(b, *heads).transpose(0, 1)
-        v = self.value(h).view(b, *heads).transpose(0, 1)
-        attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)  # M x B x B
-        messages = (self.attention_dropout(attention) @ v).transpose(0, 1).reshape(b, d)
+        q = self.query(h).view(g, b, *heads).transpose(1, 2)  # G x M x B x d/M
+        k = self.key(h).view(g, b, *heads).transpose(1, 2)
+        v = self.value(h).view(g, b, *heads).transpose(1, 2)
+        attention = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d), dim=-1)  # G x M x B x B
+        messages = (self.attention_dropout(attention) @ v).transpose(1, 2).reshape(g, b, d)
         f = self.norm1(self.message_dropout(messages) + h)
         return self.norm2(self.ff(f) + f), attention
 
@@ -103,14 +103,23 @@ class MessagePassingNetwork(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> MPNOutput:
-        """Refine the features of a batch (B x d) by message passing; see ``MPNOutput``."""
-        if x.ndim != 2:
-            raise ValueError(f"mpn: expected a (batch, dim) tensor, got shape {tuple(x.shape)}")
+        """Refine the features of one batch graph (B x d), or of G independent graphs at once (G x B x d).
+
+        The outputs keep the input's leading shape; attention is L x M x B x B for one graph and
+        G x L x M x B x B for G graphs.
+        """
+        if x.ndim not in (2, 3):
+            raise ValueError(f"mpn: expected a (batch, dim) or (graphs, batch, dim) tensor, got shape {tuple(x.shape)}")
+        single = x.ndim == 2
+        h = x[None] if single else x
         attentions = []
         for layer in self.layers:
-            x, attention = layer(x)
+            h, attention = layer(h)
             attentions.append(attention)
-        return MPNOutput(x, self.classifier(x), torch.stack(attentions))
+        attention = torch.stack(attentions, dim=1)  # G x L x M x B x B
+        if single:
+            return MPNOutput(h[0], self.classifier(h[0]), attention[0])
+        return MPNOutput(h, self.classifier(h), attention)
 
 
 def attention_diagnostics(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -169,3 +178,29 @@ def mpn_loss(
     main = F.cross_entropy(mpn_logits / temperature, labels, label_smoothing=label_smoothing)
     aux = F.cross_entropy(backbone_logits / temperature, labels, label_smoothing=label_smoothing)
     return main + aux_weight * aux
+
+
+def refine_over_batches(mpn: MessagePassingNetwork, features: torch.Tensor, batches: torch.Tensor,
+                        rows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Each row's MPN feature refined within its own test-time batch (mpn-reproduction Sec. 3.4).
+
+    Args:
+        mpn: the trained network (put it in eval mode).
+        features: (N, d) backbone embeddings, the nodes every batch draws from.
+        batches: (Q, B) indices into ``features``: the reciprocal-kNN batch of each of Q rows.
+        rows: (Q,) index into ``features`` of the row whose batch it is; it must occur in its batch.
+        chunk: batch graphs per forward pass.
+
+    Returns:
+        (Q, d) refined features of the rows (the output of the last MPN layer at the row's node).
+    """
+    where = batches == rows[:, None]
+    if not bool(where.any(1).all()):
+        raise ValueError("refine_over_batches: a row is missing from its own batch")
+    position = where.int().argmax(1)
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(rows), chunk):
+            refined = mpn(features[batches[a:a + chunk]]).features  # G x B x d
+            out.append(refined[torch.arange(len(refined)), position[a:a + chunk]])
+    return torch.cat(out) if out else features.new_zeros((0, features.shape[1]))

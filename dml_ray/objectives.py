@@ -1,0 +1,122 @@
+"""What a training step minimises: a module from (model output, labels) to a loss and per-step statistics.
+
+An objective owns every trainable parameter that is not part of the embedding model (a loss's
+proxies, the MPN and its classifiers), so the optimizer, the checkpoint and DDP treat it as one
+module. ``build_objective`` picks it from ``model.kind``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dml_ray.config import ModelConfig, TrainConfig
+from dml_ray.losses.factory import build_loss, build_miner, wrap_distributed
+from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss
+
+
+class ObjectiveOutput(NamedTuple):
+    """The loss to back-propagate and the statistics of the step (``loss`` among them) to average per epoch."""
+
+    loss: torch.Tensor
+    stats: dict[str, float]
+
+
+class MetricObjective(nn.Module):
+    """A pytorch-metric-learning loss (and optional miner) on the L2-normalised embeddings."""
+
+    def __init__(self, loss: nn.Module, miner: Optional[nn.Module], loss_scale: float = 1.0) -> None:
+        super().__init__()
+        self.loss = loss
+        self.miner = miner
+        self.loss_scale = loss_scale
+
+    def forward(self, output, labels: torch.Tensor) -> ObjectiveOutput:
+        embeddings = output.embedding
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss(embeddings, labels, indices)
+        return ObjectiveOutput(loss, {"loss": float(loss.detach()) / self.loss_scale})
+
+
+class MPNObjective(nn.Module):
+    """MPN over the complete batch graph + CE on its logits and auxiliary CE on the backbone (mpn Sec. 3.1).
+
+    The backbone classifier maps the raw backbone embedding to class logits; the MPN refines the
+    raw embeddings of the batch and classifies the refined features. Every step also returns the
+    attention diagnostics of Sec. 4.2.2 per layer and head.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg.mpn
+        self.mpn = MessagePassingNetwork(num_classes, num_layers=cfg.mpn.num_layers, num_heads=cfg.mpn.num_heads,
+                                         dim=embedding_dim, dropout=cfg.mpn.dropout, ff_dim=cfg.mpn.ff_dim)
+        self.backbone_classifier = nn.Linear(embedding_dim, num_classes)
+
+    def forward(self, output, labels: torch.Tensor) -> ObjectiveOutput:
+        refined = self.mpn(mpn_input(output.embedding))
+        loss = mpn_loss(refined.logits, self.backbone_classifier(output.raw), labels, self.cfg.temperature,
+                        self.cfg.label_smoothing, self.cfg.aux_weight)
+        return ObjectiveOutput(loss, {"loss": float(loss.detach()),
+                                      **attention_stats(refined.attention.detach(), labels)})
+
+
+def mpn_input(embedding: torch.Tensor) -> torch.Tensor:
+    """The MPN's node features: the unit embedding scaled to norm sqrt(d), the scale of a LayerNorm output.
+
+    The paper feeds the raw backbone feature; its scale is whatever the backbone makes it, and at
+    the small norms of a from-scratch head the attention logits q.k / sqrt(d) stay near zero and
+    the attention near uniform. Fixing the norm makes the attention's sharpness learnable from the
+    first step, for any backbone, at training and test time alike.
+    """
+    return embedding * embedding.shape[-1] ** 0.5
+
+
+def attention_stats(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Flatten ``attention_diagnostics`` into ``mpn_attention_kl_l<layer>_h<head>`` and ``mpn_same_class_mass_...``."""
+    diag = attention_diagnostics(attention, labels)
+    stats = {"mpn_same_class_mass_uniform": float(diag["same_class_mass_uniform"])}
+    for name, key in (("mpn_attention_kl", "kl_from_uniform"), ("mpn_same_class_mass", "same_class_mass")):
+        for (layer, head), value in _indexed(diag[key]):
+            stats[f"{name}_l{layer}_h{head}"] = value
+    return stats
+
+
+def _indexed(values: torch.Tensor) -> list[tuple[tuple[int, int], float]]:
+    return [((i, j), float(values[i, j])) for i in range(values.shape[0]) for j in range(values.shape[1])]
+
+
+def build_objective(model_cfg: ModelConfig, train_cfg: TrainConfig, num_classes: int,
+                    embedding_dim: int) -> nn.Module:
+    """The objective of ``model_cfg.kind``: ``train.loss`` for embedding models, the MPN losses for ``mpn``."""
+    if model_cfg.kind == "mpn":
+        return MPNObjective(model_cfg, num_classes, embedding_dim)
+    return MetricObjective(build_loss(train_cfg.loss, num_classes, embedding_dim), build_miner(train_cfg.loss))
+
+
+def distribute(objective: nn.Module) -> nn.Module:
+    """The objective as each rank runs it under torch.distributed (itself when not distributed).
+
+    Metric losses see the global batch through PML's wrappers (``wrap_distributed``); an objective
+    with its own parameters and per-rank batch graphs (MPN) is wrapped in DDP so its gradients are
+    averaged like the model's. Keep the unwrapped objective for checkpoints.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return objective
+    if isinstance(objective, MetricObjective):
+        loss, miner = wrap_distributed(objective.loss, objective.miner)
+        return MetricObjective(loss, miner, loss_scale=dist.get_world_size())
+    return DistributedDataParallel(objective, device_ids=None)
+
+
+def load_mpn(model_cfg: ModelConfig, num_classes: int, embedding_dim: int,
+             objective_state: dict[str, torch.Tensor]) -> MessagePassingNetwork:
+    """The trained MPN of a checkpoint's objective state, in eval mode; a clear error when there is none."""
+    if model_cfg.kind != "mpn" or not objective_state:
+        raise ValueError("mpn: the checkpoint has no message passing network (train it with model.kind: mpn)")
+    objective = MPNObjective(model_cfg, num_classes, embedding_dim)
+    objective.load_state_dict(objective_state)
+    return objective.mpn.eval()
