@@ -6,17 +6,17 @@ import logging
 import os
 import sys
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import yaml
 
-from dml_ray.config import ConfigError, load_config
+from dml_ray.config import ConfigError, Stage, load_config
 
 log = logging.getLogger("dml_ray")
 
 
-def _demo_config_path() -> str:
-    return str(resources.files("jobs") / "configs" / "demo.yaml")
+def _demo_config_path(name: str = "demo") -> str:
+    return str(resources.files("jobs") / "configs" / f"{name}.yaml")
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -55,8 +55,8 @@ def _run(config_path: str, overrides: dict[str, Any]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    overrides = {"output_root": os.path.abspath(args.out), "run_id": args.run_id or "demo"}
-    return _run(_demo_config_path(), overrides)
+    overrides = {"output_root": os.path.abspath(args.out), "run_id": args.run_id or ("demo-mpn" if args.mpn else "demo")}
+    return _run(_demo_config_path("demo_mpn" if args.mpn else "demo"), overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -154,11 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> train -> embed -> evaluate, end to end")
     p.add_argument("--out", default="demo_out", help="output root (default: ./demo_out)")
     p.add_argument("--run-id", default=None, help="run id (default: demo); an existing run resumes")
+    p.add_argument("--mpn", action="store_true", help="train a message passing network instead (jobs/configs/"
+                                                      "demo_mpn.yaml) and refine the test embeddings with it")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run the stages of a YAML config")
     p.add_argument("--config", required=True)
-    p.add_argument("--stages", help="comma-separated subset of: data,train,embed,evaluate")
+    p.add_argument("--stages", help="comma-separated subset of: " + ",".join(get_args(Stage)))
     p.add_argument("--run-id")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")

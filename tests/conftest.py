@@ -25,9 +25,9 @@ def ray_session():
     ray.shutdown()
 
 
-def demo_like_config(output_root: str, **overrides):
-    """The demo's config (jobs/configs/demo.yaml) with test-sized overrides."""
+def demo_like_config(output_root: str, demo: str = "demo", **overrides):
+    """A demo's config (jobs/configs/<demo>.yaml) with test-sized overrides."""
     from dml_ray.cli import _demo_config_path
     from dml_ray.config import load_config
 
-    return load_config(_demo_config_path(), {"output_root": output_root, "run_id": "t", **overrides})
+    return load_config(_demo_config_path(demo), {"output_root": output_root, "run_id": "t", **overrides})

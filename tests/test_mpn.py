@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss
+from dml_ray.config import ConfigError, parse_config
+from dml_ray.models.embedding import EmbeddingOutput
+from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss, refine_over_batches
+from dml_ray.objectives import MPNObjective, load_mpn, mpn_input
 
 
 def _model(**kwargs) -> MessagePassingNetwork:
@@ -113,3 +116,60 @@ def test_invalid_arguments() -> None:
         mpn_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), temperature=0.0)
     with pytest.raises(ValueError, match=r"\(L, M, B, B\)"):
         attention_diagnostics(torch.ones(2, 3, 3), torch.tensor([0, 1, 2]))
+
+
+def test_many_graphs_at_once_equal_one_at_a_time() -> None:
+    model = _model()
+    graphs = torch.randn(5, 7, 16)
+    out = model(graphs)
+    assert out.features.shape == (5, 7, 16) and out.attention.shape == (5, 2, 4, 7, 7)
+    for g in range(5):
+        one = model(graphs[g])
+        torch.testing.assert_close(out.features[g], one.features)
+        torch.testing.assert_close(out.logits[g], one.logits)
+        torch.testing.assert_close(out.attention[g], one.attention)
+
+
+def test_refinement_takes_each_rows_feature_from_its_own_batch() -> None:
+    model = _model()
+    features = torch.randn(20, 16)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.arange(20)
+    batches = torch.stack([torch.cat([torch.tensor([r]), torch.randperm(20, generator=gen)[:5]]) for r in rows])
+    batches[3] = batches[3].roll(2)  # the row need not come first
+    refined = refine_over_batches(model, features, batches, rows, chunk=6)
+    for r in range(20):
+        position = int((batches[r] == r).nonzero()[0])
+        torch.testing.assert_close(refined[r], model(features[batches[r]]).features[position])
+    with pytest.raises(ValueError, match="missing from its own batch"):
+        refine_over_batches(model, features, batches[:, 1:], rows)
+
+
+def test_mpn_objective_is_the_paper_loss_and_reports_every_head() -> None:
+    cfg = parse_config({"model": {"kind": "mpn", "embedding_dim": 16, "mpn": {"num_layers": 2, "num_heads": 4,
+                                                                                "temperature": 0.3}}})
+    torch.manual_seed(0)
+    objective = MPNObjective(cfg.model, num_classes=3, embedding_dim=16).eval()
+    raw = torch.randn(6, 16)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    output = EmbeddingOutput(torch.zeros(6, 1, 1, 1), raw, F.normalize(raw, dim=1))
+    loss, stats = objective(output, labels)
+    refined = objective.mpn(mpn_input(output.embedding))
+    expected = mpn_loss(refined.logits, objective.backbone_classifier(raw), labels, 0.3, 0.1)
+    torch.testing.assert_close(loss, expected)
+    assert stats["loss"] == pytest.approx(float(expected))
+    heads = {f"mpn_same_class_mass_l{layer}_h{head}" for layer in range(2) for head in range(4)}
+    assert heads <= set(stats) and len([k for k in stats if k.startswith("mpn_attention_kl_")]) == 8
+    assert stats["mpn_same_class_mass_uniform"] == pytest.approx(2 / 6)
+    assert torch.linalg.vector_norm(mpn_input(output.embedding), dim=1).allclose(torch.full((6,), 4.0))
+
+
+def test_loading_an_mpn_from_a_checkpoint_without_one_is_a_clear_error() -> None:
+    cfg = parse_config({"model": {"embedding_dim": 16}})
+    with pytest.raises(ValueError, match="has no message passing network"):
+        load_mpn(cfg.model, 3, 16, {})
+
+
+def test_heads_must_divide_the_embedding_dimension() -> None:
+    with pytest.raises(ConfigError, match="not divisible by mpn.num_heads"):
+        parse_config({"model": {"kind": "mpn", "embedding_dim": 10, "mpn": {"num_heads": 4}}})
