@@ -14,7 +14,7 @@ from dml_ray.io.fs import join, url_to_fs
 from dml_ray.io.tables import committed_tables, read_json, read_table, run_uri, table_uri
 from dml_ray.report.html import Section, render_report
 from dml_ray.report.overlays import boxes_gallery
-from dml_ray.report.plots import localization_curves_png, run_summary_png
+from dml_ray.report.plots import attention_png, localization_curves_png, run_summary_png
 from pipelines.localize import ground_truth
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,11 @@ def build_sections(output_root: str, run_id: str, storage_options: Optional[dict
         metrics = read_table(tables["metrics"], storage_options)
         # training curves and localization have their own figures and tables
         rows = sorted((r["stage"], r["split"], r["metric"], r["k"], r["value"]) for r in metrics.to_pylist()
-                      if r["stage"] not in ("train", "localize"))
+                      if r["stage"] not in ("train", "localize", "mpn"))
         sections.append(Section("Retrieval metrics", "metrics",
                                 tables=[(["stage", "split", "metric", "k", "value"], rows)],
                                 figures=[run_summary_png(metrics, f"run {run_id}")]))
+        sections += mpn_sections(metrics, run_id)
     gallery = _figure(join(run_uri(output_root, run_id), "explain_gallery.png"), storage_options)
     if gallery is not None:
         sections.append(Section("Activation maps", "maps", text="A sample of explained images, each method's map "
@@ -47,6 +48,25 @@ def build_sections(output_root: str, run_id: str, storage_options: Optional[dict
     if "localization" in tables and "metrics" in tables:
         sections += localization_sections(output_root, run_id, read_table(tables["metrics"], storage_options),
                                           storage_options)
+    return sections
+
+
+def mpn_sections(metrics: pa.Table, run_id: str) -> list[Section]:
+    """Backbone vs MPN embeddings side by side (intra-batch-mpn-reproduction Table 3) and the attention curves."""
+    rows = metrics.to_pylist()
+    refined = {(r["split"], r["metric"], r["k"]): r["value"] for r in rows if r["stage"] == "mpn"}
+    sections = []
+    if refined:
+        backbone = {(r["split"], r["metric"], r["k"]): r["value"] for r in rows if r["stage"] == "evaluate"}
+        table = [[*key, backbone.get(key), value] for key, value in sorted(refined.items(), key=str)]
+        sections.append(Section("Backbone vs MPN", "mpn",
+                                text="The same images embedded by the backbone alone and refined by the message "
+                                     "passing network within their reciprocal-kNN batches (Table 3).",
+                                tables=[(["split", "metric", "k", "backbone", "MPN"], table)]))
+    if any(r["stage"] == "train" and r["metric"].startswith("mpn_same_class_mass") for r in rows):
+        sections.append(Section("MPN attention during training", "mpn-attention",
+                                text="Per layer and head, mean over nodes of training batches (Sec. 4.2.2).",
+                                figures=[attention_png(metrics, f"run {run_id}")]))
     return sections
 
 

@@ -21,7 +21,7 @@ from tests.conftest import demo_like_config
 @pytest.fixture(scope="module")
 def mpn_run(ray_session, tmp_path_factory):
     cfg = demo_like_config(str(tmp_path_factory.mktemp("mpn")), demo="demo_mpn",
-                           stages=["data", "train", "embed", "evaluate", "knn", "mpn"])
+                           stages=["data", "train", "embed", "evaluate", "knn", "mpn", "report"])
     return cfg, run_pipeline(cfg)
 
 
@@ -35,7 +35,7 @@ def _recall_at_1(rows: list[dict], split: str = "test") -> float:
 
 def test_mpn_training_beats_random_initialisation(mpn_run):
     cfg, summary = mpn_run
-    assert summary.ran == ["data", "train", "embed", "evaluate", "knn", "mpn"]
+    assert summary.ran == ["data", "train", "embed", "evaluate", "knn", "mpn", "report"]
     images = read_table(table_uri(cfg.output_root, "t", "images"))
     test = images.filter(pc.equal(images.column("split"), "test"))
     batch = decode_batch(fetch_bytes(test), cfg.data.resize, cfg.data.image_size)
@@ -95,3 +95,11 @@ def test_backbone_and_mpn_evaluated_side_by_side(mpn_run):
     shape = lambda rows: {(r["split"], r["metric"], r["k"]) for r in rows}  # noqa: E731
     assert shape(backbone) == shape(refined)
     assert {("test", "recall", 1), ("train", "recall", 1), ("test", "nmi", None)} <= shape(refined)
+
+
+def test_report_has_the_backbone_vs_mpn_table_and_attention_curves(mpn_run):
+    _, summary = mpn_run
+    with open(summary.report) as f:
+        html = f.read()
+    assert "id='mpn'" in html and "id='mpn-attention'" in html
+    assert html.count("data:image/png;base64,") >= 2

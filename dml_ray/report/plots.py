@@ -74,3 +74,25 @@ def localization_curves_png(metrics: pa.Table, title: str) -> bytes:
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title)
     return figure_png(fig)
+
+
+def attention_png(metrics: pa.Table, title: str) -> bytes:
+    """PNG: per MPN layer and head, the attention mass on same-class nodes and the KL divergence of the
+    attention from uniform, per training epoch (intra-batch-mpn-reproduction Sec. 4.2.2, Figures 1-2)."""
+    rows = [r for r in metrics.to_pylist() if r["stage"] == "train" and r["metric"].startswith("mpn_")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, prefix, label in ((axes[0], "mpn_same_class_mass_l", "attention on same-class nodes"),
+                              (axes[1], "mpn_attention_kl_l", "KL(attention || uniform)")):
+        for name in sorted({r["metric"] for r in rows if r["metric"].startswith(prefix)}):
+            points = sorted((r["k"], r["value"]) for r in rows if r["metric"] == name)
+            layer, head = name[len(prefix):].split("_h")
+            ax.plot(*zip(*points), marker="o", label=f"layer {layer}, head {head}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    uniform = sorted((r["k"], r["value"]) for r in rows if r["metric"] == "mpn_same_class_mass_uniform")
+    if uniform:
+        axes[0].plot(*zip(*uniform), ":", color="gray", label="uniform attention")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    return figure_png(fig)
