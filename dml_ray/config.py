@@ -39,6 +39,8 @@ class DataConfig(Strict):
     def _crop_fits(self) -> "DataConfig":
         if self.image_size > self.resize:
             raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize}")
+        if self.kind != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required for kind {self.kind!r}")
         return self
 
 
