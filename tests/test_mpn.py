@@ -130,8 +130,9 @@ def test_many_graphs_at_once_equal_one_at_a_time() -> None:
         torch.testing.assert_close(out.attention[g], one.attention)
 
 
-def test_refinement_takes_each_rows_feature_from_its_own_batch() -> None:
-    model = _model()
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_refinement_takes_each_rows_feature_from_its_own_batch(layers: int) -> None:
+    model = _model(num_layers=layers)
     features = torch.randn(20, 16)
     gen = torch.Generator().manual_seed(3)
     rows = torch.arange(20)

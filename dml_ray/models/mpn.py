@@ -56,17 +56,35 @@ class MessagePassingLayer(nn.Module):
         )
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Updated node features (G x B x d) and attention weights (G x M x B x B, rows sum to 1) of G graphs."""
-        g, b, d = h.shape
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (each ... x d, the M heads side by side) of node features ... x d."""
+        return self.query(h), self.key(h), self.value(h)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update R nodes of each of G graphs from all B nodes of their graph (Sec. 3.1, all four equations).
+
+        Args:
+            q: (G, R, d) queries of the updated nodes; k, v: (G, B, d) keys and values of every node;
+            h: (G, R, d) features of the updated nodes (for the skip connection).
+
+        Returns:
+            (G, R, d) updated features and (G, M, R, B) attention weights (rows sum to 1).
+        """
+        g, r, d = q.shape
+        b = k.shape[1]
         heads = (self.num_heads, d // self.num_heads)
-        q = self.query(h).view(g, b, *heads).transpose(1, 2)  # G x M x B x d/M
-        k = self.key(h).view(g, b, *heads).transpose(1, 2)
-        v = self.value(h).view(g, b, *heads).transpose(1, 2)
-        attention = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d), dim=-1)  # G x M x B x B
-        messages = (self.attention_dropout(attention) @ v).transpose(1, 2).reshape(g, b, d)
+        q = q.view(g, r, *heads).transpose(1, 2)  # G x M x R x d/M
+        k = k.view(g, b, *heads).transpose(1, 2)  # G x M x B x d/M
+        v = v.view(g, b, *heads).transpose(1, 2)
+        attention = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d), dim=-1)  # G x M x R x B
+        messages = (self.attention_dropout(attention) @ v).transpose(1, 2).reshape(g, r, d)
         f = self.norm1(self.message_dropout(messages) + h)
         return self.norm2(self.ff(f) + f), attention
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Updated node features (G x B x d) and attention weights (G x M x B x B, rows sum to 1) of G graphs."""
+        return self.attend(*self.project(h), h)
 
 
 class MessagePassingNetwork(nn.Module):
@@ -184,12 +202,17 @@ def refine_over_batches(mpn: MessagePassingNetwork, features: torch.Tensor, batc
                         rows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Each row's MPN feature refined within its own test-time batch (mpn-reproduction Sec. 3.4).
 
+    Equal to running the MPN on each batch and reading the row's node, with two savings that
+    change no value: the first layer's queries, keys and values depend on a node alone, so they
+    are projected once per node rather than once per batch it appears in; and the last layer
+    updates only the row's node (its attention over the batch, its FF), not all B nodes.
+
     Args:
         mpn: the trained network (put it in eval mode).
-        features: (N, d) backbone embeddings, the nodes every batch draws from.
+        features: (N, d) node features every batch draws from (``mpn_input`` of the embeddings).
         batches: (Q, B) indices into ``features``: the reciprocal-kNN batch of each of Q rows.
         rows: (Q,) index into ``features`` of the row whose batch it is; it must occur in its batch.
-        chunk: batch graphs per forward pass.
+        chunk: batch graphs per step.
 
     Returns:
         (Q, d) refined features of the rows (the output of the last MPN layer at the row's node).
@@ -198,9 +221,20 @@ def refine_over_batches(mpn: MessagePassingNetwork, features: torch.Tensor, batc
     if not bool(where.any(1).all()):
         raise ValueError("refine_over_batches: a row is missing from its own batch")
     position = where.int().argmax(1)
+    layers = list(mpn.layers)
     out = []
     with torch.no_grad():
+        projected = layers[0].project(features)  # N x d each
         for a in range(0, len(rows), chunk):
-            refined = mpn(features[batches[a:a + chunk]]).features  # G x B x d
-            out.append(refined[torch.arange(len(refined)), position[a:a + chunk]])
+            idx, pos = batches[a:a + chunk], position[a:a + chunk]
+            at = torch.arange(len(idx))
+            h = features[idx]  # G x B x d
+            q, k, v = (p[idx] for p in projected)
+            current = layers[0]
+            for layer in layers[1:]:
+                h, _ = current.attend(q, k, v, h)  # every node of the batch, for the next layer
+                q, k, v = layer.project(h)
+                current = layer
+            refined, _ = current.attend(q[at, pos][:, None], k, v, h[at, pos][:, None])
+            out.append(refined[:, 0])
     return torch.cat(out) if out else features.new_zeros((0, features.shape[1]))
