@@ -224,9 +224,9 @@ def test_parts_union_and_duckdb_views(so):
 
     set_latest(out, "r1", so)
     s3fs.S3FileSystem.clear_instance_cache()
-    con, run_id = connect(out, None, so)
+    con, runs = connect(out, None, so)
     try:
-        assert run_id == "r1"
+        assert runs == ["r1"]
         assert con.execute("SELECT count(*) FROM metrics").fetchone()[0] == 2
         assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 3
         assert con.execute("SELECT sum(value) FROM metrics").fetchone()[0] == 3.0
