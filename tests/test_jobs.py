@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 
 from dml_ray.cli import main as cli_main
+from dml_ray.config import load_config
 from dml_ray.io.lock import lock_uri, output_lock, read_lock
 from dml_ray.io.tables import is_committed, latest_run, read_table, table_uri
 from jobs.entry import utc_date
+from jobs.nightly import check_nightly
 from jobs.nightly import main as nightly
 from pipelines.run import STAGES
 from tests.nightly_setup import write_nightly_setup
@@ -179,6 +181,16 @@ def test_every_stage_has_a_job_and_bad_input_exits_2(ray_session, setup, tmp_pat
     assert is_committed(table_uri(setup["out"], "stage-job", "images"))
     assert not is_committed(table_uri(setup["out"], "stage-job", "embeddings"))
     assert latest_run(setup["out"]) == latest
+
+
+def test_shipped_job_configs_are_valid():
+    configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"demo.yaml", "nightly.yaml"}
+    for path in configs:
+        load_config(path)
+    nightly_cfg = load_config(REPO / "jobs" / "configs" / "nightly.yaml")
+    check_nightly(nightly_cfg)
+    assert "train" not in nightly_cfg.stages and nightly_cfg.embed.incremental
 
 
 def test_driver_killed_mid_run_resumes_without_duplicates(ray_session, setup, tmp_path):
