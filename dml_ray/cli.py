@@ -19,7 +19,8 @@ def _demo_config_path() -> str:
     return str(resources.files("jobs") / "configs" / "demo.yaml")
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as dotted-key overrides (values parsed as YAML)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -60,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = _parse_sets(args.set)
+    overrides = parse_sets(args.set)
     if args.stages:
         overrides["stages"] = args.stages.split(",")
     if args.run_id:

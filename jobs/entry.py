@@ -20,7 +20,7 @@ import time
 from typing import Callable, Optional
 
 import dml_ray
-from dml_ray.cli import _parse_sets
+from dml_ray.cli import parse_sets
 from dml_ray.config import ConfigError, RunConfig, load_config
 from dml_ray.io.lock import LockHeld
 
@@ -48,7 +48,7 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
 
 def load_job_config(path: str, run_id: Optional[str], sets: list[str]) -> RunConfig:
     """The job's config: ``--set`` overrides applied, run id from ``--run-id``, the config, or today (UTC)."""
-    overrides = _parse_sets(sets)
+    overrides = parse_sets(sets)
     if run_id:
         overrides["run_id"] = run_id
     cfg = load_config(path, overrides)

@@ -377,3 +377,16 @@ def test_nightly_job_on_s3(ray_session, so, tmp_path, capsys, caplog):
     for key in _keys(so, "out"):
         body = fs.cat_file(key)
         assert SECRET.encode() not in body and KEY_ID.encode() not in body, key
+
+
+def test_lock_is_exclusive_on_s3(so):
+    from dml_ray.io.lock import LockHeld, output_lock, read_lock
+
+    out = f"s3://{BUCKET}/out"
+    with output_lock(out, "first", so) as mine:
+        s3fs.S3FileSystem.clear_instance_cache()
+        with pytest.raises(LockHeld, match=r"s3://bucket/out is locked by .* \(run first\)"):
+            with output_lock(out, "second", so):
+                pass
+        assert read_lock(out, so)["token"] == mine["token"]
+    assert read_lock(out, so) is None and _keys(so, "out") == []
