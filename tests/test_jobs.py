@@ -133,6 +133,18 @@ def test_next_night_embeds_only_the_changed_image(first_night, setup, capsys):
     assert abs(float(rows[other]) - want) < 1e-5
 
 
+def test_above_the_error_budget_the_job_exits_4_and_commits_nothing(first_night, setup, capsys):
+    out, latest = setup["out"], latest_run(setup["out"])
+    args = ["--config", setup["config"], "--run-id", "strict", "--set", "embed.max_error_fraction=0.0"]
+    assert nightly(args) == 4
+    assert re.fullmatch(r"nightly: error budget exceeded \(exit 4\) run_id=strict seconds=[\d.]+: embed: 1 of 50 "
+                        r"images failed \(2\.0%\), above embed\.max_error_fraction=0\.0; nothing committed",
+                        _last_line(capsys))
+    for table, part in (("embeddings", None), ("feature_maps", None), ("embedding_keys", None), ("errors", "embed")):
+        assert not is_committed(table_uri(out, "strict", table, part)), table
+    assert read_lock(out) is None and latest_run(out) == latest  # released on failure; latest untouched
+
+
 def test_a_second_run_while_the_lock_is_held_is_refused(setup, capsys):
     out = setup["out"]
     with output_lock(out, "someone-else"):
