@@ -97,8 +97,8 @@ def bench_stage(n_images: int, backbone: str, size: int, threads: int) -> None:
     ckpt = f"{work}/model.pt"
     save_checkpoint(ckpt, checkpoint_bytes(build_model(mcfg, size).eval(), mcfg, size, []))
     ensure_ray(num_cpus=2)
-    plain = EmbedConfig(batch_size=32, cpus_per_actor=1)
-    with_maps = EmbedConfig(batch_size=32, cpus_per_actor=1, feature_maps=True)
+    plain = EmbedConfig(batch_size=32, cpus_per_actor=1, incremental=False)  # every run embeds every image
+    with_maps = EmbedConfig(batch_size=32, cpus_per_actor=1, feature_maps=True, incremental=False)
     run_embed(images.slice(0, 32), ckpt, work, "warmup", data, plain, threads)
     t_plain = run_embed(images, ckpt, work, "plain", data, plain, threads).seconds
     t_fm = run_embed(images, ckpt, work, "maps", data, with_maps, threads).seconds

@@ -1,4 +1,4 @@
-"""The ``dml-ray`` command: demo, synth, run, query."""
+"""The ``dml-ray`` command: demo, synth, run, explain, report, compare, query, unlock."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,8 @@ def _demo_config_path(name: str = "demo") -> str:
     return str(resources.files("jobs") / "configs" / f"{name}.yaml")
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as dotted-key overrides (values parsed as YAML)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -60,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = _parse_sets(args.set)
+    overrides = parse_sets(args.set)
     if args.stages:
         overrides["stages"] = args.stages.split(",")
     if args.run_id:
@@ -76,18 +77,37 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _root_and_storage(args: argparse.Namespace) -> tuple[str, Optional[dict]]:
+    """The output root (``--root``, else the ``--config``'s) and the config's storage options (credentials stay
+    in the config or the environment, never on the command line)."""
+    if args.config:
+        cfg = load_config(args.config)
+        return args.root or cfg.output_root, cfg.data.storage_options or None
+    return args.root or "demo_out", None
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from dml_ray.io.query import connect
 
-    con, run_id = connect(args.root, args.run)
+    root, storage_options = _root_and_storage(args)
+    con, runs = connect(root, args.run, storage_options, all_runs=args.all_runs)
     result = con.sql(args.sql)
     if result is None:
         return 0
     if args.format == "csv":
         result.df().to_csv(sys.stdout, index=False)
     else:
-        print(f"-- run {run_id}")
+        print(f"-- run{'s' if len(runs) > 1 else ''} {', '.join(runs)}")
         result.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from dml_ray.io.lock import clear_lock, describe
+
+    root, storage_options = _root_and_storage(args)
+    holder = clear_lock(root, storage_options)
+    print(f"{root}: removed the lock of {describe(holder)}" if holder is not None else f"{root}: not locked")
     return 0
 
 
@@ -193,13 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run")
+    p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run, or of every run")
     p.add_argument("sql")
-    p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
+    p.add_argument("--root", default=None, help="output root (default: the --config's, else ./demo_out)")
+    p.add_argument("--config", help="a run config: its output_root and data.storage_options (for s3:// roots)")
     p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.add_argument("--all-runs", action="store_true", help="views over every run (tell them apart by run_id)")
     p.add_argument("--format", choices=["table", "csv"], default="table")
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("unlock", help="remove an output root's lock left by a run that died on another host")
+    p.add_argument("--root", default=None, help="output root (default: the --config's)")
+    p.add_argument("--config", help="a run config: its output_root and data.storage_options")
+    p.set_defaults(func=cmd_unlock)
     return parser
 
 

@@ -5,6 +5,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -128,6 +129,8 @@ class EmbedConfig(Strict):
     feature_maps: bool = Field(False, description="also store each image's feature map (fp16), GAP feature and "
                                                   "head bias: every activation map is then computed without "
                                                   "a second backbone pass")
+    incremental: bool = Field(True, description="copy, not recompute, the rows of images whose (image_id, content "
+                                                "hash, model_id) an earlier committed run of output_root embedded")
 
 
 class EvaluateConfig(Strict):
@@ -188,6 +191,17 @@ class LocalizeConfig(Strict):
     seed: int = 0
 
 
+class StorageConfig(Strict):
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3", "memory"], min_length=1,
+                                       description="URI schemes a run may read or write (fsspec protocols)")
+
+
+def uri_scheme(uri: str) -> str:
+    """The fsspec protocol of ``uri`` ('file' for plain paths); chained URIs give their outermost protocol."""
+    protocol = fsspec.core.split_protocol(uri)[0]
+    return "file" if protocol in (None, "local") else protocol
+
+
 class RunConfig(Strict):
     output_root: str = "dml_ray_out"
     run_id: str = Field(default_factory=lambda: _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -202,11 +216,23 @@ class RunConfig(Strict):
     knn: KnnConfig = KnnConfig()
     explain: ExplainConfig = ExplainConfig()
     localize: LocalizeConfig = LocalizeConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _explain_needs_feature_maps(self) -> "RunConfig":
         if "explain" in self.stages and not self.embed.feature_maps:
             raise ValueError("the explain stage needs embed.feature_maps: true")
+        return self
+
+    @model_validator(mode="after")
+    def _schemes_allowed(self) -> "RunConfig":
+        uris = {"output_root": self.output_root, "data.root": self.data.root}
+        if self.model.weights not in ("none", "imagenet"):
+            uris["model.weights"] = self.model.weights
+        for field, uri in uris.items():
+            if uri and uri_scheme(uri) not in self.storage.allowed_schemes:
+                raise ValueError(f"{field}: scheme '{uri_scheme(uri)}' is not in storage.allowed_schemes "
+                                 f"{self.storage.allowed_schemes}")
         return self
 
 

@@ -3,15 +3,18 @@
 The pipeline streams every output row (errors included) into one staging Parquet dataset; the
 error budget is checked on its ``error`` column alone; then each output table is cut from the
 staging files by column projection and committed, ``embeddings`` last. Nothing is held in memory
-and nothing is computed twice.
+and nothing is computed twice. Rows of images an earlier run already embedded (same image_id,
+content hash and model_id) are copied from that run instead of recomputed (pipelines/incremental.py).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -19,10 +22,13 @@ import ray
 
 from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes, rows_ok
+from dml_ray.data.content_hash import add_content_hash
 from dml_ray.io.fs import pyarrow_fs, url_to_fs
-from dml_ray.io.schemas import ERRORS_SCHEMA
+from dml_ray.io.schemas import EMBEDDING_KEYS_SCHEMA, ERRORS_SCHEMA
 from dml_ray.io.tables import commit_table, staging_uri, table_uri, write_table
+from dml_ray.models.checkpoint import load_checkpoint
 from dml_ray.models.inference import EMBEDDING_COLUMNS, FEATURE_MAP_COLUMNS, Embedder
+from pipelines.incremental import KEYS_TABLE, ReusePlan, copy_rows, plan_reuse, source_runs
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +48,51 @@ class EmbedResult:
     embeddings_uri: str
     errors_uri: str
     feature_maps_uri: Optional[str] = None
+    reused: int = 0
+
+
+class HashedEmbedder(Embedder):
+    """The Embedder, passing each row's content hash through (the incremental key).
+
+    ``crash_once`` (a marker path; fault-injection tests) makes the actor process exit on its second
+    batch, once, so that Ray Data has to retry it.
+    """
+
+    def __init__(self, *args, crash_once: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.crash_once = crash_once
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.calls += 1
+        if self.crash_once and self.calls == 2 and not os.path.exists(self.crash_once):
+            open(self.crash_once, "w").close()
+            os._exit(1)
+        hashes = [h if isinstance(h, str) else None for h in batch["content_hash"]]
+        return super().__call__(batch).append_column("content_hash", pa.array(hashes, pa.string()))
+
+
+def _fetch_and_hash(batch: pa.Table, storage_options: Optional[dict]) -> pa.Table:
+    return add_content_hash(fetch_bytes(batch, storage_options))
 
 
 def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: DataConfig, cfg: EmbedConfig,
-                  num_threads: int = 1) -> ray.data.Dataset:
+                  num_threads: int = 1, crash_once: Optional[str] = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline producing output rows (with a nullable ``error`` column)."""
     images = images.filter(pc.is_in(images.column("split"), pa.array(cfg.splits)))
     columns = ["image_id", "uri", "label", "split"]
     n_blocks = max(1, min(images.num_rows // cfg.batch_size, 64))
     ds = ray.data.from_arrow(images.select(columns)).repartition(n_blocks)
     so = data.storage_options or None
-    ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
+    ds = ds.map_batches(_fetch_and_hash, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
                         batch_size=cfg.batch_size, num_cpus=READ_CPUS)
     ds = ds.map_batches(decode_batch, fn_kwargs={"resize": data.resize, "image_size": data.image_size},
                         batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=READ_CPUS)
     return ds.map_batches(
-        Embedder,
+        HashedEmbedder,
         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id, "num_threads": num_threads,
-                               "use_gpu": cfg.use_gpu, "storage_options": so, "feature_maps": cfg.feature_maps},
+                               "use_gpu": cfg.use_gpu, "storage_options": so, "feature_maps": cfg.feature_maps,
+                               "crash_once": crash_once},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -78,33 +111,67 @@ def _cut(source: ray.data.Dataset, columns: list[str], output_root: str, run_id:
     return staging
 
 
+def _staged_table(source: Optional[ray.data.Dataset], columns: list[str], plan: ReusePlan, keep: pa.Table,
+                  output_root: str, run_id: str, table: str, storage_options: Optional[dict]) -> str:
+    """``table``'s staging folder: the freshly embedded rows plus the rows copied from earlier runs."""
+    staging = (_cut(source, columns, output_root, run_id, table, storage_options) if source is not None
+               else staging_uri(output_root, run_id, table))
+    for source_run, ids in plan.sources.items():
+        rows = keep.filter(pc.is_in(keep.column("image_id"), pa.array(ids, pa.string())))
+        copy_rows(output_root, source_run, table, rows, run_id, staging, storage_options)
+    return staging
+
+
+_STATUS_COLUMNS = {"image_id": pa.string(), "uri": pa.string(), "model_id": pa.string(),
+                   "content_hash": pa.string(), "error": pa.string()}
+
+
 def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: str, data: DataConfig,
-              cfg: EmbedConfig, num_threads: int = 1) -> EmbedResult:
-    """Embed every image of the configured splits; commit ``embeddings`` (+ ``feature_maps``) and ``errors``,
-    or nothing at all when the error budget is exceeded."""
+              cfg: EmbedConfig, num_threads: int = 1, crash_once: Optional[str] = None) -> EmbedResult:
+    """Embed every image of the configured splits; commit ``embeddings`` (+ ``feature_maps``), ``embedding_keys``
+    and ``errors``, or nothing at all when the error budget is exceeded.
+
+    With ``cfg.incremental``, images an earlier run of ``output_root`` embedded with the same model and
+    the same bytes are copied from it instead (pipelines/incremental.py).
+    """
     start = time.perf_counter()
     so = data.storage_options or None
+    images = images.filter(pc.is_in(images.column("split"), pa.array(cfg.splits)))
+    tables = ["embeddings", *(["feature_maps"] if cfg.feature_maps else [])]
+    runs = source_runs(output_root, run_id, tables, so) if cfg.incremental else []
+    plan = ReusePlan()
+    if runs:
+        plan = plan_reuse(images, load_checkpoint(checkpoint_uri, so).model_id, output_root, run_id, runs, so,
+                          cfg.batch_size)
+    todo = images.filter(pc.invert(pc.is_in(images.column("image_id"), pa.array(plan.image_ids(), pa.string()))))
+    keep = images.select(["image_id", "label", "split"])
     raw = staging_uri(output_root, run_id, "embed-output")
     fs, raw_path = pyarrow_fs(raw, so)
-    embed_dataset(images, checkpoint_uri, run_id, data, cfg, num_threads).write_parquet(raw_path, filesystem=fs)
+    source = None
+    status = pa.schema(_STATUS_COLUMNS).empty_table()
     try:
-        staged = pads.dataset(raw_path, filesystem=fs, format="parquet")
-        status = staged.to_table(columns=["image_id", "uri", "error"])
+        if todo.num_rows:
+            embed_dataset(todo, checkpoint_uri, run_id, data, cfg, num_threads, crash_once).write_parquet(
+                raw_path, filesystem=fs)
+            status = pads.dataset(raw_path, filesystem=fs, format="parquet").to_table(columns=list(_STATUS_COLUMNS))
+            source = ray.data.read_parquet(raw_path, filesystem=fs)
         failed = status.filter(pc.is_valid(status.column("error")))
-        n_err, n_total = failed.num_rows, status.num_rows
+        n_err, n_total = failed.num_rows, status.num_rows + plan.keys.num_rows
         if n_total and n_err / n_total > cfg.max_error_fraction:
             raise ErrorBudgetExceeded(
                 f"embed: {n_err} of {n_total} images failed ({n_err / n_total:.1%}), above "
                 f"embed.max_error_fraction={cfg.max_error_fraction}; nothing committed")
-        source = ray.data.read_parquet(raw_path, filesystem=fs)
-        emb_staging = _cut(source, EMBEDDING_COLUMNS, output_root, run_id, "embeddings", so)
+        emb_staging = _staged_table(source, EMBEDDING_COLUMNS, plan, keep, output_root, run_id, "embeddings", so)
         fm_final = None
         if cfg.feature_maps:
             fm_final = table_uri(output_root, run_id, "feature_maps")
-            commit_table(_cut(source, FEATURE_MAP_COLUMNS, output_root, run_id, "feature_maps", so), fm_final, so,
-                         replace=True)
+            commit_table(_staged_table(source, FEATURE_MAP_COLUMNS, plan, keep, output_root, run_id, "feature_maps",
+                                       so), fm_final, so, replace=True)
         err_final = table_uri(output_root, run_id, "errors", part="embed")
         write_table(_errors_table(failed, run_id), err_final, staging_uri(output_root, run_id, "errors", "embed"),
+                    so, replace=True)
+        keys = pa.concat_tables([_new_keys(status, run_id), plan.keys])
+        write_table(keys, table_uri(output_root, run_id, KEYS_TABLE), staging_uri(output_root, run_id, KEYS_TABLE),
                     so, replace=True)
         # embeddings last: the stage is done iff embeddings is committed
         emb_final = table_uri(output_root, run_id, "embeddings")
@@ -114,8 +181,16 @@ def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: s
         if raw_fs.exists(raw_dir):
             raw_fs.rm(raw_dir, recursive=True)
     seconds = time.perf_counter() - start
-    log.info("embed: %d rows, %d errors in %.1f s", marker["rows"], n_err, seconds)
-    return EmbedResult(marker["rows"], n_err, seconds, emb_final, err_final, fm_final)
+    log.info("embed: %d rows (%d embedded, %d reused), %d errors in %.1f s", marker["rows"],
+             marker["rows"] - plan.keys.num_rows, plan.keys.num_rows, n_err, seconds)
+    return EmbedResult(marker["rows"], n_err, seconds, emb_final, err_final, fm_final, plan.keys.num_rows)
+
+
+def _new_keys(status: pa.Table, run_id: str) -> pa.Table:
+    ok = status.filter(pc.is_null(status.column("error")))
+    run = pa.array([run_id] * ok.num_rows, pa.string())
+    return pa.table({"run_id": run, "image_id": ok.column("image_id"), "model_id": ok.column("model_id"),
+                     "content_hash": ok.column("content_hash"), "embedded_run_id": run}, schema=EMBEDDING_KEYS_SCHEMA)
 
 
 def _errors_table(failed: pa.Table, run_id: str) -> pa.Table:

@@ -42,7 +42,7 @@ class LocalizeResult:
 
 def ground_truth(images: pa.Table, data: DataConfig) -> dict[str, np.ndarray]:
     """Image id -> its box (x0, y0, x1, y1) in the model-input frame (resize then center crop)."""
-    with_box = images.filter(pc.is_valid(images.column("bbox")))
+    with_box = images.filter(pc.and_(pc.is_valid(images.column("bbox")), pc.is_valid(images.column("width"))))
     box = with_box.column("bbox").combine_chunks()
     xywh = np.stack([box.field(n).to_numpy(zero_copy_only=False) for n in ("x", "y", "w", "h")], axis=1)
     wh = np.stack([with_box.column("width").to_numpy(), with_box.column("height").to_numpy()], axis=1)

@@ -13,6 +13,7 @@ from dml_ray.config import RunConfig
 from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join, url_to_fs
+from dml_ray.io.lock import output_lock
 from dml_ray.io.schemas import METRICS_SCHEMA
 from dml_ray.io.tables import (
     is_committed,
@@ -48,6 +49,8 @@ class RunSummary:
     metrics: Optional[pa.Table] = None
     figure: Optional[str] = None
     report: Optional[str] = None
+    stages: dict[str, dict] = field(default_factory=dict)
+    latest: bool = False
 
 
 def _git_sha() -> Optional[str]:
@@ -94,7 +97,7 @@ def _stage_embed(cfg: RunConfig) -> dict:
     so = cfg.data.storage_options or None
     images = read_table(table_uri(cfg.output_root, cfg.run_id, "images"), so)
     result = run_embed(images, _checkpoint(cfg), cfg.output_root, cfg.run_id, cfg.data, cfg.embed, cfg.num_threads)
-    return {"rows": result.rows, "errors": result.errors}
+    return {"rows": result.rows, "errors": result.errors, "reused": result.reused}
 
 
 def _stage_evaluate(cfg: RunConfig) -> dict:
@@ -212,35 +215,43 @@ STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], bool]
 }
 
 
-def run_pipeline(cfg: RunConfig) -> RunSummary:
-    """Run the configured stages in order; a stage whose output is committed is skipped."""
+def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
+    """Run the configured stages (or just the stage ``only``) in order under the output root's lock; a stage
+    whose output is committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
     so = cfg.data.storage_options or None
+    if only is not None and only not in STAGES:
+        raise ValueError(f"unknown stage '{only}'; expected one of: {', '.join(STAGES)}")
     summary = RunSummary(cfg.run_id, join(cfg.output_root, "runs", cfg.run_id))
-    config = cfg.model_dump(mode="json", exclude={"data": {"storage_options"}})
-    update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
-    ensure_ray()
-    for name in [s for s in STAGES if s in cfg.stages]:
-        run, done = STAGES[name]
-        if done(cfg):
-            log.info("stage %s: already committed, skipped", name)
-            summary.skipped.append(name)
-            continue
-        log.info("stage %s: running", name)
-        start = time.perf_counter()
-        info = run(cfg)
-        info["seconds"] = round(time.perf_counter() - start, 2)
-        update_manifest(cfg.output_root, cfg.run_id, so, stages={name: info})
-        summary.ran.append(name)
-    metrics_uri = table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate")
-    if is_committed(metrics_uri, so):
-        summary.metrics = read_table(metrics_uri, so)
-        figure = join(summary.run_uri, "summary.png")
-        fs, path = url_to_fs(figure, so)
-        if not fs.exists(path):
-            metrics = read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so)
-            fs.pipe_file(path, run_summary_png(metrics, f"run {cfg.run_id}"))
-        summary.figure = figure
-    report = join(summary.run_uri, REPORT_FILE)
-    summary.report = report if _exists(report, so) else None
-    set_latest(cfg.output_root, cfg.run_id, so)
+    with output_lock(cfg.output_root, cfg.run_id, so):
+        config = cfg.model_dump(mode="json", exclude={"data": {"storage_options"}})
+        update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
+        ensure_ray()
+        for name in [only] if only else [s for s in STAGES if s in cfg.stages]:
+            run, done = STAGES[name]
+            if done(cfg):
+                log.info("stage %s: already committed, skipped", name)
+                summary.skipped.append(name)
+                continue
+            log.info("stage %s: running", name)
+            start = time.perf_counter()
+            info = run(cfg)
+            info["seconds"] = round(time.perf_counter() - start, 2)
+            update_manifest(cfg.output_root, cfg.run_id, so, stages={name: info})
+            log.info("stage %s: done in %.1f s", name, info["seconds"])
+            summary.ran.append(name)
+            summary.stages[name] = info
+        metrics_uri = table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate")
+        if is_committed(metrics_uri, so):
+            summary.metrics = read_table(metrics_uri, so)
+            figure = join(summary.run_uri, "summary.png")
+            fs, path = url_to_fs(figure, so)
+            if not fs.exists(path):
+                metrics = read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so)
+                fs.pipe_file(path, run_summary_png(metrics, f"run {cfg.run_id}"))
+            summary.figure = figure
+        report = join(summary.run_uri, REPORT_FILE)
+        summary.report = report if _exists(report, so) else None
+        if all(STAGES[s][1](cfg) for s in STAGES if s in cfg.stages):
+            set_latest(cfg.output_root, cfg.run_id, so)
+            summary.latest = True
     return summary

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import uuid
 
 import fsspec
@@ -150,15 +151,21 @@ def test_cub_inconsistent_ids_are_errors(tmp_path):
         read_cub(root)
 
 
-def test_missing_or_unreadable_image_is_named(root):
+def test_missing_or_unreadable_image_is_named_and_kept(root, caplog):
+    """A bad image never stops a run: it is named in a warning, kept with no size, and fails in embed."""
     _write_cub(root)
     fs, base = fsspec.core.url_to_fs(root)
     fs.rm(f"{base}/images/002.Beta_bird/img_3.jpg")
-    with pytest.raises(FileNotFoundError, match=r"missing image .*img_3\.jpg"):
-        read_cub(root)
+    caplog.set_level(logging.WARNING)
+    table = read_cub(root)
+    assert re.search(r"missing image .*img_3\.jpg", caplog.text)
+    row = next(r for r in table.to_pylist() if r["image_id"].endswith("img_3.jpg"))
+    assert (row["width"], row["height"]) == (None, None)
+    assert table.column("width").null_count == 1
+    caplog.clear()
     _put(root, "images/002.Beta_bird/img_3.jpg", b"not an image")
-    with pytest.raises(ValueError, match=r"img_3\.jpg: unreadable image header"):
-        read_cub(root)
+    assert read_cub(root).column("height").null_count == 1
+    assert re.search(r"img_3\.jpg: unreadable image header", caplog.text)
 
 
 # ---- Cars196 ----

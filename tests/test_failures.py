@@ -76,3 +76,16 @@ def test_killed_training_worker_resumes_from_last_checkpoint(ray_session, tmp_pa
     # the worker died during epoch 1: epoch 1 re-ran in a second attempt restored from epoch 0's checkpoint
     assert [(h["epoch"], h["attempt"]) for h in result.history] == [(0, 0), (1, 1)]
     assert is_committed(images_uri)
+
+
+def test_killed_embedding_actor_still_embeds_every_image_once(ray_session, damaged_dataset, tmp_path):
+    root, images, ckpt, bad = damaged_dataset
+    marker = tmp_path / "actor-exited"
+    cfg = EmbedConfig(batch_size=4, max_error_fraction=0.2, incremental=False)
+    result = run_embed(images, ckpt, root, "actor-killed", DATA, cfg, crash_once=str(marker))
+    assert marker.exists(), "the actor never exited"
+    ids = read_table(table_uri(root, "actor-killed", "embeddings")).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == result.rows == images.num_rows - len(bad)
+    assert set(ids) == set(images.column("image_id").to_pylist()) - bad
+    errors = read_table(table_uri(root, "actor-killed", "errors")).column("image_id").to_pylist()
+    assert sorted(errors) == sorted(bad)

@@ -224,9 +224,9 @@ def test_parts_union_and_duckdb_views(so):
 
     set_latest(out, "r1", so)
     s3fs.S3FileSystem.clear_instance_cache()
-    con, run_id = connect(out, None, so)
+    con, runs = connect(out, None, so)
     try:
-        assert run_id == "r1"
+        assert runs == ["r1"]
         assert con.execute("SELECT count(*) FROM metrics").fetchone()[0] == 2
         assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 3
         assert con.execute("SELECT sum(value) FROM metrics").fetchone()[0] == 3.0
@@ -338,3 +338,55 @@ def test_credentials_from_environment(so, s3_endpoint):
     write_table(pa.table({"a": [1, 2]}), table_uri(out, "r1", "t"), staging_uri(out, "r1", "t"), env_only)
     s3fs.S3FileSystem.clear_instance_cache()
     assert read_table(table_uri(out, "r1", "t"), env_only).column("a").to_pylist() == [1, 2]
+
+
+# ---- 5. the nightly job with input and output in buckets ----
+
+
+def test_nightly_job_on_s3(ray_session, so, tmp_path, capsys, caplog):
+    """Data, checkpoint and outputs in the bucket; the secret in the config never shows up anywhere else."""
+    from dml_ray.cli import main as cli_main
+    from dml_ray.io.tables import latest_run
+    from jobs.nightly import main as nightly
+    from tests.nightly_setup import write_nightly_setup
+
+    leaky = {**so, "key": KEY_ID, "secret": SECRET}
+    setup = write_nightly_setup(tmp_path / "nightly.yaml", f"s3://{BUCKET}/data", f"s3://{BUCKET}/out", leaky)
+    caplog.set_level(logging.INFO)
+    assert nightly(["--config", setup["config"], "--run-id", "night-1"]) == 0
+    printed = capsys.readouterr()
+    assert "nightly: ok run_id=night-1 ran=data,embed,evaluate,knn skipped=- embedded=49 reused=0 errors=1" in \
+        printed.out.strip().splitlines()[-1]
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert latest_run(setup["out"], so) == "night-1"
+    keys = _keys(so, "out")
+    assert f"{BUCKET}/out/runs/night-1/embeddings/_COMMITTED" in keys and f"{BUCKET}/out/_lock.json" not in keys
+    assert not [k for k in keys if "/_staging/" in k]
+
+    assert cli_main(["query", "--config", setup["config"], "--format", "csv",
+                     "SELECT count(*) AS n, count(DISTINCT image_id) AS ids FROM embeddings"]) == 0
+    assert capsys.readouterr().out.split() == ["n,ids", "49,49"]
+    assert cli_main(["query", "--config", setup["config"], "--format", "csv",
+                     "SELECT image_id FROM errors"]) == 0
+    assert capsys.readouterr().out.split() == ["image_id", setup["corrupt"]]
+
+    # no credential in what was printed or logged, nor in any object the run wrote (manifest, markers, tables)
+    assert SECRET not in printed.out + printed.err + caplog.text
+    assert KEY_ID not in printed.out + printed.err
+    fs = _fs(so)
+    for key in _keys(so, "out"):
+        body = fs.cat_file(key)
+        assert SECRET.encode() not in body and KEY_ID.encode() not in body, key
+
+
+def test_lock_is_exclusive_on_s3(so):
+    from dml_ray.io.lock import LockHeld, output_lock, read_lock
+
+    out = f"s3://{BUCKET}/out"
+    with output_lock(out, "first", so) as mine:
+        s3fs.S3FileSystem.clear_instance_cache()
+        with pytest.raises(LockHeld, match=r"s3://bucket/out is locked by .* \(run first\)"):
+            with output_lock(out, "second", so):
+                pass
+        assert read_lock(out, so)["token"] == mine["token"]
+    assert read_lock(out, so) is None and _keys(so, "out") == []

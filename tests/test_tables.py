@@ -69,8 +69,8 @@ def test_parts_union_and_duckdb_views(tmp_path):
     assert sorted(read_table(table_uri(root, "r1", "metrics")).column("value").to_pylist()) == [1.0, 2.0]
     assert set(committed_tables(root, "r1")) == {"metrics"}
     set_latest(root, "r1")
-    con, run = connect(root)
-    assert run == "r1"
+    con, runs = connect(root)
+    assert runs == ["r1"]
     assert con.execute("SELECT sum(value) FROM metrics").fetchone()[0] == 3.0
 
 

@@ -150,18 +150,23 @@ def zero_shot_split(class_keys: Iterable[Hashable]) -> dict[Any, tuple[int, str]
     return {key: (label, "train" if label < n_train else "test") for key, label in labels.items()}
 
 
-def _image_size(fs: AbstractFileSystem, path: str) -> tuple[int, int]:
+def _image_size(fs: AbstractFileSystem, path: str) -> tuple[Optional[int], Optional[int]]:
     try:
         with fs.open(path, "rb") as file, Image.open(file) as image:
             return image.size
     except FileNotFoundError:
-        raise FileNotFoundError(f"missing image {to_uri(fs, path)}") from None
+        logger.warning("missing image %s", to_uri(fs, path))
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{to_uri(fs, path)}: unreadable image header ({err})") from None
+        logger.warning("%s: unreadable image header (%s)", to_uri(fs, path), err)
+    return None, None
 
 
-def image_sizes(fs: AbstractFileSystem, paths: Sequence[str]) -> list[tuple[int, int]]:
-    """(width, height) of each image in ``paths``, read from the file headers by a thread pool."""
+def image_sizes(fs: AbstractFileSystem, paths: Sequence[str]) -> list[tuple[Optional[int], Optional[int]]]:
+    """(width, height) of each image in ``paths``, read from the file headers by a thread pool.
+
+    A missing or unreadable image gets (None, None) and a warning naming it: one bad file never stops
+    a run; the embed stage records it in the ``errors`` table.
+    """
     if not paths:
         return []
     with ThreadPoolExecutor(max_workers=min(HEADER_READ_THREADS, len(paths))) as pool:

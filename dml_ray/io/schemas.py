@@ -47,6 +47,17 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+# one row per embedded image: the incremental key, and the run that computed the embedding
+EMBEDDING_KEYS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("model_id", pa.string()),
+        ("content_hash", pa.string()),
+        ("embedded_run_id", pa.string()),
+    ]
+)
+
 
 def embedding_type(dim: int) -> pa.DataType:
     """The Arrow type of one embedding vector of dimension ``dim``."""

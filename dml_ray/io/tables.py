@@ -197,3 +197,17 @@ def committed_tables(output_root: str, run_id: str, storage_options: Optional[di
             name = p.rstrip("/").rsplit("/", 1)[-1]
             out[name] = table_uri(output_root, run_id, name)
     return out
+
+
+def run_ids(output_root: str, storage_options: Optional[dict] = None) -> list[str]:
+    """Ids of the runs under ``output_root`` that have at least one committed table, sorted."""
+    fs, path = url_to_fs(join(output_root, "runs"), storage_options)
+    if not fs.exists(path):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return sorted(n for n in names if committed_tables(output_root, n, storage_options))
+
+
+def committed_at(uri: str, storage_options: Optional[dict] = None) -> str:
+    """When the table at ``uri`` was committed (ISO time from its marker)."""
+    return read_json(join(uri, COMMIT_MARKER), storage_options)["committed_at"]
