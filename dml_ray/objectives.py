@@ -14,14 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dml_ray.config import DeMLConfig, ModelConfig, TrainConfig
-from dml_ray.losses.deml import (
-    activation_decay,
-    grad_reverse,
-    learner_discrepancy,
-    learner_norm_penalty,
-    learner_similarity,
-)
+from dml_ray.losses.deml import activation_decay, grad_reverse, learner_discrepancy, learner_norm_penalty
 from dml_ray.losses.factory import build_loss, build_miner, wrap_distributed
+from dml_ray.metrics.learners import learner_similarity
 from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss
 
 

@@ -6,7 +6,6 @@ each learner and averaged over learners (``DeMLObjective``).
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -64,20 +63,3 @@ def learner_norm_penalty(weights: torch.Tensor) -> torch.Tensor:
     diagonal = torch.diagonal(gram, dim1=1, dim2=2)
     return (diagonal - 1.0).pow(2).sum()
 
-
-def learner_similarity(learners: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between distinct learners of the same scale, per image ("sim" of Table 4).
-
-    Args:
-        learners: B x I x J x d' learner features (J >= 2).
-
-    Returns:
-        B values: each image's mean over scales and pairs j != j' of cos(CA_(i,j), CA_(i,j')).
-    """
-    j = learners.shape[2]
-    if j < 2:
-        raise ValueError("learner_similarity: needs at least two learners per scale")
-    unit = F.normalize(learners, dim=3)
-    cosine = unit @ unit.transpose(2, 3)  # B x I x J x J
-    off_diagonal = cosine.sum(dim=(2, 3)) - torch.diagonal(cosine, dim1=2, dim2=3).sum(dim=2)
-    return (off_diagonal / (j * (j - 1))).mean(dim=1)

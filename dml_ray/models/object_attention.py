@@ -8,7 +8,9 @@ Decisions where the paper is silent or self-contradictory:
 - Direction of propagation. Eq. 3 writes ``M <- D M`` with ``D`` row-normalised; for a uniform
   start that product is uniform at every step (each row of D sums to one), so it cannot be what
   was run. We propagate mass along the out-bound edges, ``M^T <- M^T D`` (the Markov chain of
-  the remark and of GBVS [11]), which converges to the chain's stationary distribution.
+  the remark and of GBVS [11]), which converges to the chain's stationary distribution: for these
+  symmetric weights, each position's summed distance to all others. (A map with exactly two feature
+  values is a bipartite graph, a periodic chain: there the uniform start recurs every two steps.)
 - Identical features give a zero distance matrix; every off-diagonal edge gets a weight of
   ``EDGE_FLOOR`` on top of its distance so that rows are always normalisable (uniform there).
 - Averaging maps of different grids: each layer's proposal is a distribution over its own grid, so
