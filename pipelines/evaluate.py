@@ -99,7 +99,7 @@ def evaluate_learners(embeddings: pa.Table, deml: DeMLConfig, ks: list[int], cfg
         query = embeddings.filter(pc.equal(embeddings.column("split"), q_split))
         q_emb, _, _ = _arrays(query)
         if deml.branches > 1:
-            sim = learner_similarity(torch.from_numpy(learner_blocks(q_emb, deml.scales, deml.branches))).numpy()
+            sim = learner_similarity(torch.tensor(learner_blocks(q_emb, deml.scales, deml.branches))).numpy()
             rows += [{"metric": "learner_similarity", "k": None, "value": float(sim.mean()), "split": name},
                      {"metric": "learner_similarity_std", "k": None, "value": float(sim.std()), "split": name}]
         if deml.scales > 1:

@@ -295,7 +295,7 @@ def synthetic_split(tmp_path_factory):
     def load(split):
         table = images.filter(pc.equal(images.column("split"), split))
         batch = decode_batch(fetch_bytes(table), 64, 64)
-        return torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"]), batch["image_id"]
+        return torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy()), batch["image_id"]
     return load("train"), load("test")
 
 
@@ -343,3 +343,61 @@ def test_adversary_lowers_the_similarity_between_learners(trained) -> None:
     assert "adversary_loss" in with_adv["stats"] and "adversary_loss" not in without["stats"]
     sim_adv, sim_plain = with_adv["final"][1], without["final"][1]
     assert sim_adv < sim_plain - 0.1, (sim_adv, sim_plain)
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------
+
+
+def test_ablation_configs_cover_tables_2_and_4() -> None:
+    from pathlib import Path
+
+    from dml_ray.config import load_config
+
+    configs = {p.stem: load_config(p) for p in Path(__file__).parents[1].glob("jobs/configs/deml_*.yaml")}
+    grid = {(c.model.deml.scales, c.model.deml.branches, c.model.deml.channel_attention, c.model.deml.adversary,
+             c.model.embedding_dim) for c in configs.values()}
+    table_2 = {(i, j, True, True, 512) for i, j in [(1, 1), (1, 4), (1, 8), (2, 1), (2, 4), (3, 1), (3, 3)]}
+    table_4 = {(1, 8, True, False, 512), (1, 1, False, True, 64)}
+    assert table_2 | table_4 | {(1, 1, False, True, 512)} == grid
+    for cfg in configs.values():
+        assert cfg.model.kind == "deml" and "evaluate" in cfg.stages and cfg.explain.methods == ["oam"]
+
+
+def test_pipeline_end_to_end(ray_session, tmp_path) -> None:
+    """DeML(I=2, J=4)'s ablation config, test-sized: Ray Train, Ray Data embedding, sim, OAM maps, localization."""
+    from pathlib import Path
+
+    from dml_ray.config import load_config
+    from dml_ray.io.tables import read_table, table_uri
+    from pipelines.run import run_pipeline
+    from pipelines.train import model_uri
+
+    config = Path(__file__).parents[1] / "jobs/configs/deml_i2_j4.yaml"
+    cfg = load_config(config, {
+        "output_root": str(tmp_path), "run_id": "t", "num_threads": 1,
+        "stages": ["data", "train", "embed", "evaluate", "explain", "localize"],
+        "data": {"kind": "synthetic", "synthetic": {"n_classes": 8, "images_per_class": 6, "image_size": 72},
+                 "resize": 64, "image_size": 64},
+        "model.weights": "none", "model.embedding_dim": 64,
+        "train": {"epochs": 2, "steps_per_epoch": 2, "classes_per_batch": 4, "samples_per_class": 2,
+                  "num_workers": 1, "loss": {"name": "binomial_deviance"},
+                  "optimizer": {"name": "adam", "lr": 1e-4, "head_lr_multiplier": 10}},
+        "embed": {"batch_size": 24}, "evaluate.ks": [1, 2], "evaluate.query_shards": 1,
+        "localize": {"shards": 1, "threshold_interval": 0.1},
+    })
+    summary = run_pipeline(cfg)
+    assert summary.ran == cfg.stages
+    assert isinstance(load_checkpoint(model_uri(str(tmp_path), "t")).model, DeMLModel)
+    metrics = read_table(table_uri(str(tmp_path), "t", "metrics")).to_pylist()
+    names = {(r["stage"], r["metric"], r["k"]) for r in metrics}
+    assert {("evaluate", "recall", 1), ("evaluate", "learner_similarity", None), ("evaluate", "recall_scale1", 1),
+            ("evaluate", "recall_scale2", 2), ("train", "adversary_loss", 1),
+            ("train", "learner_similarity", 0)} <= names
+    sim = next(r["value"] for r in metrics if r["metric"] == "learner_similarity")
+    assert -1.0 <= sim <= 1.0
+    embeddings = read_table(table_uri(str(tmp_path), "t", "embeddings"))
+    test_ids = set(pc.filter(embeddings.column("image_id"), pc.equal(embeddings.column("split"), "test")).to_pylist())
+    maps = read_table(table_uri(str(tmp_path), "t", "activation_maps"))
+    assert set(maps.column("method").to_pylist()) == {"oam"} and set(maps.column("image_id").to_pylist()) == test_ids
+    assert maps.column("map_h")[0].as_py() == 4
+    assert any(r["metric"] == "loc_best_acc/self/oam" for r in metrics)
