@@ -207,6 +207,7 @@ class ExplainConfig(Strict):
                                                      "are stored (method point_to_point)")
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
+    use_gpu: bool = Field(False, description="a GPU per actor for the model pass of DeML's oam maps")
 
 
 class LocalizeConfig(Strict):

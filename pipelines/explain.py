@@ -215,9 +215,10 @@ def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, output_root: 
                         batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5)
     ds = ds.map_batches(ObjectAttentionMapper,
                         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id,
-                                               "num_threads": num_threads, "storage_options": so},
+                                               "num_threads": num_threads, "use_gpu": cfg.use_gpu,
+                                               "storage_options": so},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
-                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
+                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)
     staging = staging_uri(output_root, run_id, "activation_maps")
     sfs, spath = pyarrow_fs(staging, so)
     ds.write_parquet(spath, filesystem=sfs)

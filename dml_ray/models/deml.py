@@ -1,4 +1,4 @@
-"""DeML: GoogLeNet decoupled into object-attention scales and channel-attention learners (deml-zero-shot-retrieval Sec. 3).
+"""DeML: GoogLeNet decoupled into object-attention scales and channel-attention learners (deml-zero-shot-retrieval).
 
 Scale i encodes its input x^i with FNet^i (GoogLeNet up to pool3), reweights the channels with J
 channel-attention modules CAM_(i,j), encodes each proposal with the scale's one GNet^i (inception4a

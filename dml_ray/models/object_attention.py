@@ -23,7 +23,7 @@ Decisions where the paper is silent or self-contradictory:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
