@@ -235,7 +235,7 @@ class RunConfig(Strict):
     localize: LocalizeConfig = LocalizeConfig()
 
     @model_validator(mode="after")
-    def _explain_needs_feature_maps(self) -> "RunConfig":
+    def _explain_fits_the_model(self) -> "RunConfig":
         if self.model.kind == "deml":
             return self._deml_consistent()
         if "explain" in self.stages and not self.embed.feature_maps:
