@@ -382,7 +382,8 @@ def test_pipeline_end_to_end(ray_session, tmp_path) -> None:
         "train": {"epochs": 2, "steps_per_epoch": 2, "classes_per_batch": 4, "samples_per_class": 2,
                   "num_workers": 1, "loss": {"name": "binomial_deviance"},
                   "optimizer": {"name": "adam", "lr": 1e-4, "head_lr_multiplier": 10}},
-        "embed": {"batch_size": 24}, "evaluate.ks": [1, 2], "evaluate.query_shards": 1,
+        "embed": {"batch_size": 24}, "explain": {"methods": ["oam"], "batch_size": 24},
+        "evaluate.ks": [1, 2], "evaluate.query_shards": 1,
         "localize": {"shards": 1, "threshold_interval": 0.1},
     })
     summary = run_pipeline(cfg)
