@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
 Stage = Literal["data", "train", "embed", "evaluate", "knn", "mpn", "explain", "localize", "report"]
-MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam"]
+MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam", "oam"]
 
 
 class Strict(BaseModel):
@@ -57,11 +57,36 @@ class MPNConfig(Strict):
     ff_dim: Optional[int] = Field(None, ge=1, description="hidden width of the FF layers; default 4 d")
 
 
+class DeMLConfig(Strict):
+    """Decoupled metric learning (deml-zero-shot-retrieval Sec. 3, implementation details of Sec. 4)."""
+
+    scales: int = Field(1, ge=1, description="I: object-attention root learners (scales, Table 2)")
+    branches: int = Field(1, ge=1, description="J: channel-attention sub-learners per scale (Table 2)")
+    channel_attention: bool = Field(True, description="false: no CAM, the U<d> baseline (needs branches: 1)")
+    cam_hidden: int = Field(64, ge=1, description="width of the CAM's first FC (Sec. 3.2: 64)")
+    walk_steps: int = Field(10, ge=1, description="T random-walk steps (Eq. 3: 10)")
+    crop_threshold: float = Field(0.5, ge=0, le=1, description="the crop keeps proposal values >= this (min-max "
+                                                               "normalised)")
+    min_crop_fraction: float = Field(0.25, gt=0, le=1, description="smallest crop side / image side")
+    adversary: bool = Field(True, description="the adversary network behind a gradient-reversal layer (Eq. 4)")
+    adversary_weight: float = Field(1.0, ge=0, description="lambda_0 (Sec. 4: 1)")
+    activation_decay: float = Field(0.014, ge=0, description="lambda_1 (Sec. 4: 0.014)")
+    norm_penalty: float = Field(0.25, ge=0, description="lambda_2 of L_ntri (Sec. 4: 0.25)")
+
+    @model_validator(mode="after")
+    def _baseline_has_one_branch(self) -> "DeMLConfig":
+        if not self.channel_attention and self.branches != 1:
+            raise ValueError("branches must be 1 without channel_attention (the U<d> baseline)")
+        return self
+
+
 class ModelConfig(Strict):
-    kind: Literal["embedding", "mpn"] = Field(
+    kind: Literal["embedding", "mpn", "deml"] = Field(
         "embedding", description="embedding: trained with train.loss; mpn: backbone + message passing network "
-                                 "trained with cross-entropy (the embeddings table still comes from the backbone)")
+                                 "trained with cross-entropy (the embeddings table still comes from the backbone); "
+                                 "deml: GoogLeNet with object- and channel-attention learners (section deml)")
     mpn: MPNConfig = MPNConfig()
+    deml: DeMLConfig = DeMLConfig()
     backbone: str = "resnet50"
     weights: str = Field("none", description="'none' (random init), 'imagenet' or a checkpoint path")
     pooling: Literal["gap", "gmp", "flatten"] = "gap"
@@ -76,6 +101,13 @@ class ModelConfig(Strict):
         if self.kind == "mpn" and self.embedding_dim is not None and self.embedding_dim % self.mpn.num_heads:
             raise ValueError(f"embedding_dim {self.embedding_dim} is not divisible by mpn.num_heads "
                              f"{self.mpn.num_heads}")
+        if self.kind == "deml":
+            learners = self.deml.scales * self.deml.branches
+            if self.backbone != "googlenet" or self.pooling != "gap" or self.hidden_dims or self.bn:
+                raise ValueError("kind deml is GoogLeNet with GAP and one FC per learner: set backbone: googlenet, "
+                                 "pooling: gap, no hidden_dims, bn: false")
+            if self.embedding_dim is None or self.embedding_dim < learners:
+                raise ValueError(f"kind deml needs embedding_dim >= scales x branches = {learners}")
         return self
 
 
@@ -180,6 +212,7 @@ class ExplainConfig(Strict):
                                                      "are stored (method point_to_point)")
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
+    use_gpu: bool = Field(False, description="a GPU per actor for the model pass of DeML's oam maps")
 
 
 class LocalizeConfig(Strict):
@@ -219,9 +252,24 @@ class RunConfig(Strict):
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
-    def _explain_needs_feature_maps(self) -> "RunConfig":
+    def _explain_fits_the_model(self) -> "RunConfig":
+        if self.model.kind == "deml":
+            return self._deml_consistent()
         if "explain" in self.stages and not self.embed.feature_maps:
             raise ValueError("the explain stage needs embed.feature_maps: true")
+        if "oam" in self.explain.methods:
+            raise ValueError("explain.methods: oam (object-attention proposals) needs model.kind: deml")
+        return self
+
+    def _deml_consistent(self) -> "RunConfig":
+        if self.embed.feature_maps:
+            raise ValueError("embed.feature_maps: decomposition maps need a single-head model; "
+                             "model.kind deml explains with explain.methods: [oam]")
+        if "explain" in self.stages and list(self.explain.methods) != ["oam"]:
+            raise ValueError("explain.methods: model.kind deml explains with [oam] (object-attention proposals)")
+        if self.train.loss.name != "binomial_deviance" or self.train.loss.miner is not None:
+            raise ValueError("train.loss: model.kind deml trains each learner with binomial_deviance (Eq. 5), "
+                             "no miner")
         return self
 
     @model_validator(mode="after")

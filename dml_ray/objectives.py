@@ -13,8 +13,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dml_ray.config import ModelConfig, TrainConfig
+from dml_ray.config import DeMLConfig, ModelConfig, TrainConfig
+from dml_ray.losses.deml import activation_decay, grad_reverse, learner_discrepancy, learner_norm_penalty
 from dml_ray.losses.factory import build_loss, build_miner, wrap_distributed
+from dml_ray.metrics.learners import learner_similarity
 from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss
 
 
@@ -64,6 +66,46 @@ class MPNObjective(nn.Module):
                                       **attention_stats(refined.attention.detach(), labels)})
 
 
+class DeMLObjective(nn.Module):
+    """DeML's training loss: Eq. 5 per learner + Eq. 6 + the adversary of Eq. 4 behind a gradient-reversal layer.
+
+    ``loss`` is the binomial deviance (``train.loss``), applied to each learner's output and averaged
+    over the I J learners (Eq. 5; it measures pairs by cosine). The objective owns the adversary
+    networks F^i, one per scale when J > 1 and ``deml.adversary``: F^i(a) = normalize(W_i normalize(a))
+    with a bias-free square W_i. The paper leaves F unspecified; normalising its input and output bounds
+    the discrepancy (at most 4 per pair), so the feature side can only win it by changing directions,
+    not by inflating norms, and the adversary cannot drive it to zero by shrinking its weights.
+    Eq. 4's sum runs over unordered pairs j < j' and is averaged over the batch.
+    """
+
+    def __init__(self, cfg: DeMLConfig, loss: nn.Module, learner_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.loss = loss
+        with_adversary = cfg.adversary and cfg.branches > 1
+        self.adversaries = nn.ModuleList(nn.Linear(learner_dim, learner_dim, bias=False)
+                                         for _ in range(cfg.scales if with_adversary else 0))
+
+    def forward(self, output, labels: torch.Tensor) -> ObjectiveOutput:
+        learners = output.learners
+        metric = torch.stack([self.loss(learners[:, k], labels) for k in range(learners.shape[1])]).mean()
+        decay = activation_decay(learners)
+        norm = learner_norm_penalty(output.learner_weights)
+        loss = metric + self.cfg.activation_decay * decay + self.cfg.norm_penalty * norm
+        per_scale = learners.view(len(learners), self.cfg.scales, self.cfg.branches, -1)
+        stats = {"metric_loss": float(metric.detach()), "activation_decay": float(decay.detach()),
+                 "norm_penalty": float(norm.detach())}
+        if self.adversaries:
+            reversed_ = grad_reverse(nn.functional.normalize(per_scale, dim=3))
+            adversary = sum(learner_discrepancy(nn.functional.normalize(f(reversed_[:, i]), dim=2))
+                            for i, f in enumerate(self.adversaries))
+            loss = loss + self.cfg.adversary_weight * adversary
+            stats["adversary_loss"] = float(adversary.detach())
+        if self.cfg.branches > 1:
+            stats["learner_similarity"] = float(learner_similarity(per_scale.detach()).mean())
+        return ObjectiveOutput(loss, {"loss": float(loss.detach()), **stats})
+
+
 def mpn_input(embedding: torch.Tensor) -> torch.Tensor:
     """The MPN's node features: the unit embedding scaled to norm sqrt(d), the scale of a LayerNorm output.
 
@@ -91,9 +133,13 @@ def _indexed(values: torch.Tensor) -> list[tuple[tuple[int, int], float]]:
 
 def build_objective(model_cfg: ModelConfig, train_cfg: TrainConfig, num_classes: int,
                     embedding_dim: int) -> nn.Module:
-    """The objective of ``model_cfg.kind``: ``train.loss`` for embedding models, the MPN losses for ``mpn``."""
+    """The objective of ``model_cfg.kind``: ``train.loss`` for embedding models, the MPN losses for ``mpn``,
+    ``train.loss`` per learner plus DeML's regularisers and adversary for ``deml``."""
     if model_cfg.kind == "mpn":
         return MPNObjective(model_cfg, num_classes, embedding_dim)
+    if model_cfg.kind == "deml":
+        learner_dim = embedding_dim // (model_cfg.deml.scales * model_cfg.deml.branches)
+        return DeMLObjective(model_cfg.deml, build_loss(train_cfg.loss, num_classes, learner_dim), learner_dim)
     return MetricObjective(build_loss(train_cfg.loss, num_classes, embedding_dim), build_miner(train_cfg.loss))
 
 
@@ -101,7 +147,7 @@ def distribute(objective: nn.Module) -> nn.Module:
     """The objective as each rank runs it under torch.distributed (itself when not distributed).
 
     Metric losses see the global batch through PML's wrappers (``wrap_distributed``); an objective
-    with its own parameters and per-rank batch graphs (MPN) is wrapped in DDP so its gradients are
+    with its own parameters and per-rank batch graphs (MPN, DeML's adversary) is wrapped in DDP so its gradients are
     averaged like the model's. Keep the unwrapped objective for checkpoints.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
@@ -109,6 +155,8 @@ def distribute(objective: nn.Module) -> nn.Module:
     if isinstance(objective, MetricObjective):
         loss, miner = wrap_distributed(objective.loss, objective.miner)
         return MetricObjective(loss, miner, loss_scale=dist.get_world_size())
+    if not any(p.requires_grad for p in objective.parameters()):
+        return objective  # e.g. DeML without an adversary: nothing to synchronise
     return DistributedDataParallel(objective, device_ids=None)
 
 

@@ -9,9 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import torch
 
-from dml_ray.config import EvaluateConfig
-from dml_ray.io.schemas import METRICS_SCHEMA
+from dml_ray.config import DeMLConfig, EvaluateConfig
+from dml_ray.io.schemas import METRICS_SCHEMA, embedding_type
+from dml_ray.metrics.learners import learner_blocks, learner_similarity, scale_embeddings
 from dml_ray.metrics.retrieval import metrics_from_neighbors, neighbor_labels_for, nmi, relevant_counts, search_width
 
 log = logging.getLogger(__name__)
@@ -85,3 +87,35 @@ def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_i
             rows.append({"run_id": run_id, "stage": stage, "split": name, **row})
     log.info("evaluate: %d metric rows in %.1f s", len(rows), time.perf_counter() - start)
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+
+def evaluate_learners(embeddings: pa.Table, deml: DeMLConfig, ks: list[int], cfg: EvaluateConfig, run_id: str,
+                      num_threads: int = 1) -> pa.Table:
+    """DeML ``metrics`` rows (stage evaluate) from the stored embeddings of each evaluated query split:
+    ``learner_similarity`` and ``learner_similarity_std`` over images ("sim" of Table 4) when J >= 2, and
+    ``recall_scale<i>`` for each OA root learner i (column "O" of Table 2) when I >= 2."""
+    rows = []
+    for name, q_split, d_split in evaluation_pairs(evaluated_splits(embeddings, cfg)):
+        query = embeddings.filter(pc.equal(embeddings.column("split"), q_split))
+        q_emb, _, _ = _arrays(query)
+        if deml.branches > 1:
+            sim = learner_similarity(torch.tensor(learner_blocks(q_emb, deml.scales, deml.branches))).numpy()
+            rows += [{"metric": "learner_similarity", "k": None, "value": float(sim.mean()), "split": name},
+                     {"metric": "learner_similarity_std", "k": None, "value": float(sim.std()), "split": name}]
+        if deml.scales > 1:
+            db = embeddings.filter(pc.equal(embeddings.column("split"), d_split))
+            usable = [k for k in ks if k < db.num_rows]
+            plain = cfg.model_copy(update={"nmi": False, "map_at_r": False})
+            for i, (q_scale, d_scale) in enumerate(zip(scale_embeddings(q_emb, deml.scales, deml.branches),
+                                                       scale_embeddings(_arrays(db)[0], deml.scales, deml.branches))):
+                for row in evaluate_split(_with_embedding(query, q_scale), _with_embedding(db, d_scale), usable, plain,
+                                          num_threads):
+                    rows.append({**row, "metric": f"{row['metric']}_scale{i + 1}", "split": name})
+    return pa.Table.from_pylist([{"run_id": run_id, "stage": "evaluate", **r} for r in rows], schema=METRICS_SCHEMA)
+
+
+def _with_embedding(table: pa.Table, embedding: np.ndarray) -> pa.Table:
+    """``table`` with its embedding column replaced by the N x k array ``embedding``."""
+    column = pa.FixedSizeListArray.from_arrays(pa.array(embedding.reshape(-1), pa.float32()), embedding.shape[1])
+    return table.set_column(table.column_names.index("embedding"), "embedding",
+                            column.cast(embedding_type(embedding.shape[1])))

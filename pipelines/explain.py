@@ -20,14 +20,17 @@ import ray
 import torch
 
 from dml_ray.config import DataConfig, ExplainConfig
+from dml_ray.data.batches import decode_batch, fetch_bytes
 from dml_ray.data.transforms import decode_image, display_view
 from dml_ray.explain.batch import reference_maps
 from dml_ray.explain.decomposition import point_to_point_map
 from dml_ray.explain.distcam import nearest_prototype
+from dml_ray.explain.oam import REFERENCE_KIND as SELF_KIND
+from dml_ray.explain.oam import ObjectAttentionMapper
 from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
 from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri, write_table
-from dml_ray.models.checkpoint import load_checkpoint
+from dml_ray.models.checkpoint import LoadedModel, load_checkpoint
 from dml_ray.report.overlays import gallery_figure
 from dml_ray.retrieval.prototypes import class_prototypes, fixed_list_to_numpy
 from dml_ray.retrieval.search import search_excluding_self
@@ -42,7 +45,7 @@ class ExplainResult:
     rows: int
     seconds: float
     activation_maps_uri: str
-    prototypes_uri: str
+    prototypes_uri: Optional[str]
 
 
 def _raw(embeddings: pa.Table) -> np.ndarray:
@@ -194,11 +197,47 @@ def pair_rows(checkpoint_uri: str, features: pa.Table, pairs: list[tuple[str, st
     }, schema=ACTIVATION_MAPS_SCHEMA)
 
 
-def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: ExplainConfig, splits: list[str],
-                num_threads: int = 1, storage_options: Optional[dict] = None) -> ExplainResult:
-    """Commit ``prototypes`` and ``activation_maps`` (one row per image, reference and method)."""
+def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, output_root: str, run_id: str,
+                         cfg: ExplainConfig, splits: list[str], num_threads: int = 1,
+                         storage_options: Optional[dict] = None) -> ExplainResult:
+    """Commit ``activation_maps`` with one ``oam`` row per image of ``splits``: a DeML model's object-attention
+    proposal, from one scale-1 pass over the images decoded as the embedding pass decodes them."""
     start = time.perf_counter()
     so = storage_options
+    if "resize" not in loaded.extra:
+        raise ValueError(f"{checkpoint_uri}: no 'resize' recorded in the checkpoint; cannot reproduce the input frame")
+    images = read_table(table_uri(output_root, run_id, "images"), so, columns=["image_id", "uri", "split"])
+    images = images.filter(pc.is_in(images.column("split"), pa.array(splits)))
+    ds = ray.data.from_arrow(images).repartition(max(1, min(images.num_rows // cfg.batch_size, 64)))
+    ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
+                        batch_size=cfg.batch_size, num_cpus=0.5)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"resize": loaded.extra["resize"], "image_size": loaded.image_size},
+                        batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5)
+    ds = ds.map_batches(ObjectAttentionMapper,
+                        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id,
+                                               "num_threads": num_threads, "use_gpu": cfg.use_gpu,
+                                               "storage_options": so},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)
+    staging = staging_uri(output_root, run_id, "activation_maps")
+    sfs, spath = pyarrow_fs(staging, so)
+    ds.write_parquet(spath, filesystem=sfs)
+    final = table_uri(output_root, run_id, "activation_maps")
+    marker = commit_table(staging, final, so)
+    seconds = time.perf_counter() - start
+    log.info("explain: %d object-attention maps in %.1f s", marker["rows"], seconds)
+    return ExplainResult(marker["rows"], seconds, final, None)
+
+
+def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: ExplainConfig, splits: list[str],
+                num_threads: int = 1, storage_options: Optional[dict] = None) -> ExplainResult:
+    """Commit ``prototypes`` and ``activation_maps`` (one row per image, reference and method); for a DeML
+    checkpoint, ``activation_maps`` of its object-attention proposals (``run_object_attention``)."""
+    start = time.perf_counter()
+    so = storage_options
+    loaded = load_checkpoint(checkpoint_uri, so)
+    if loaded.model_config.kind == "deml":
+        return run_object_attention(loaded, checkpoint_uri, output_root, run_id, cfg, splits, num_threads, so)
     embeddings = read_table(table_uri(output_root, run_id, "embeddings"), so)
     fm_uri = table_uri(output_root, run_id, "feature_maps")
     features = read_table(fm_uri, so, columns=SMALL_FEATURE_COLUMNS)
@@ -231,8 +270,8 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
 def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data: DataConfig, n: int = 6,
                      seed: int = 0, kind: str = "neighbor") -> bytes:
     """PNG gallery: ``n`` sampled explained images (model-input frame), each method's map against its ``kind``
-    reference overlaid."""
-    maps = maps.filter(pc.equal(maps.column("reference_kind"), kind))
+    reference overlaid; maps without a reference (``self``, e.g. DeML's ``oam``) are shown whatever ``kind``."""
+    maps = maps.filter(pc.is_in(maps.column("reference_kind"), pa.array([kind, SELF_KIND])))
     ids = sorted(set(maps.column("image_id").to_pylist()))
     chosen = [ids[i] for i in np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)]
     rows = images.filter(pc.is_in(images.column("image_id"), pa.array(chosen)))

@@ -28,7 +28,7 @@ from dml_ray.io.tables import (
 from dml_ray.models.checkpoint import load_checkpoint, versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
-from pipelines.evaluate import evaluated_splits, run_evaluate
+from pipelines.evaluate import evaluate_learners, evaluated_splits, run_evaluate
 from pipelines.explain import maps_gallery_png, run_explain
 from pipelines.knn import run_knn
 from pipelines.localize import run_localize
@@ -105,6 +105,9 @@ def _stage_evaluate(cfg: RunConfig) -> dict:
     embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
     ks = cfg.evaluate.ks or default_ks(cfg.data.kind)
     metrics = run_evaluate(embeddings, ks, cfg.evaluate, cfg.run_id, num_threads=cfg.num_threads)
+    if cfg.model.kind == "deml":
+        learners = evaluate_learners(embeddings, cfg.model.deml, ks, cfg.evaluate, cfg.run_id, cfg.num_threads)
+        metrics = pa.concat_tables([metrics, learners])
     write_table(metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate"),
                 staging_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate"), so)
     return {"rows": metrics.num_rows}

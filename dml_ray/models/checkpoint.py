@@ -13,14 +13,14 @@ import torch
 import dml_ray
 from dml_ray.config import ModelConfig
 from dml_ray.io.fs import is_local, url_to_fs
-from dml_ray.models.embedding import EmbeddingModel, build_model
+from dml_ray.models.embedding import build_model
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """A model restored from a checkpoint, with what it was trained on."""
 
-    model: EmbeddingModel
+    model: torch.nn.Module  # an EmbeddingModel, or a DeMLModel for model.kind deml
     model_config: ModelConfig
     image_size: int
     class_names: list[str]
@@ -44,7 +44,7 @@ def versions() -> dict[str, str]:
 
 
 def checkpoint_bytes(
-    model: EmbeddingModel,
+    model: torch.nn.Module,
     model_config: ModelConfig,
     image_size: int,
     class_names: list[str],

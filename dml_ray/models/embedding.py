@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from dml_ray.config import ModelConfig
 from dml_ray.models.backbones import build_backbone
+from dml_ray.models.deml import DeMLModel
 from dml_ray.models.heads import EmbeddingHead
 
 
@@ -52,8 +53,14 @@ def feature_map_size(backbone: nn.Module, image_size: int) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
-def build_model(cfg: ModelConfig, image_size: int) -> EmbeddingModel:
-    """Build the model of ``cfg`` for square inputs of side ``image_size`` (random or imagenet init)."""
+def build_model(cfg: ModelConfig, image_size: int) -> nn.Module:
+    """Build the model of ``cfg`` for square inputs of side ``image_size`` (random or imagenet init).
+
+    ``kind: deml`` gives a ``DeMLModel`` (its output extends EmbeddingOutput's fields); every other kind
+    an ``EmbeddingModel``.
+    """
+    if cfg.kind == "deml":
+        return DeMLModel(cfg.deml, cfg.embedding_dim, imagenet=cfg.weights == "imagenet")
     backbone = build_backbone(cfg.backbone, imagenet_weights=cfg.weights == "imagenet")
     map_size = feature_map_size(backbone, image_size) if cfg.pooling == "flatten" else None
     head = EmbeddingHead(

@@ -30,7 +30,8 @@ class Embedder:
     """Loads a checkpoint once; each call embeds a decoded batch (rows with an error pass through).
 
     With ``feature_maps`` the rows also carry the feature map (fp16), its GAP feature and the head's
-    bias for the input (DESIGN.md invariant), computed in the same forward pass.
+    bias for the input (DESIGN.md invariant), computed in the same forward pass. Any model whose output
+    has ``embedding`` and ``raw`` embeds (EmbeddingModel, DeMLModel); feature maps need an EmbeddingModel's head.
     """
 
     def __init__(self, checkpoint_uri: str, run_id: str, num_threads: int = 1, use_gpu: bool = False,
@@ -43,9 +44,13 @@ class Embedder:
         self.run_id = run_id
         self.dim = self.model.embedding_dim
         self.feature_maps = feature_maps
+        self.map_shape = self._feature_map_shape(loaded.image_size) if feature_maps else None
+
+    def _feature_map_shape(self, image_size: int) -> tuple[int, ...]:
+        """(C, H, W) of the model's feature map, probed with one blank image."""
         with torch.inference_mode():
-            probe = torch.zeros(1, 3, loaded.image_size, loaded.image_size, device=self.device)
-            self.map_shape = tuple(self.model.backbone(probe).shape[1:])
+            probe = torch.zeros(1, 3, image_size, image_size, device=self.device)
+            return tuple(self.model(probe).feature_map.shape[1:])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])

@@ -1,0 +1,62 @@
+"""DeML's object-attention proposals as activation maps (deml-zero-shot-retrieval Sec. 3.1, Fig. 4a).
+
+Each image's scale-1 proposal (random walk over inception4e and inception5b, averaged over the
+channel-attention branches) is one ``activation_maps`` row: method ``oam``, reference kind
+``self``, reference id = the image id, the map at the inception4e grid in the model-input frame,
+and no score (a proposal compares the image with nothing). The ``localize`` stage then boxes it
+like any other map.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
+from dml_ray.models.checkpoint import load_checkpoint
+from dml_ray.models.deml import DeMLModel
+from dml_ray.models.inference import select_device
+
+METHOD = "oam"
+REFERENCE_KIND = "self"
+
+
+def object_attention_rows(maps: torch.Tensor, image_ids: list[str], run_id: str) -> pa.Table:
+    """``activation_maps`` rows of B x h x w proposals, one per image."""
+    n, h, w = maps.shape
+    return pa.table({
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "image_id": pa.array(image_ids, pa.string()),
+        "reference_id": pa.array(image_ids, pa.string()),
+        "reference_kind": pa.array([REFERENCE_KIND] * n, pa.string()),
+        "method": pa.array([METHOD] * n, pa.string()),
+        "map_h": pa.array(np.full(n, h, np.int32)),
+        "map_w": pa.array(np.full(n, w, np.int32)),
+        "map": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * h * w),
+                                        pa.array(maps.float().cpu().numpy().reshape(-1), pa.float32())),
+        "score": pa.nulls(n, pa.float32()),
+    }, schema=ACTIVATION_MAPS_SCHEMA)
+
+
+class ObjectAttentionMapper:
+    """Ray Data actor: decoded image batches -> ``oam`` activation-map rows (rows with an error are dropped)."""
+
+    def __init__(self, checkpoint_uri: str, run_id: str, num_threads: int = 1, use_gpu: bool = False,
+                 storage_options: Optional[dict] = None) -> None:
+        torch.set_num_threads(num_threads)
+        self.device = select_device(use_gpu)
+        model = load_checkpoint(checkpoint_uri, storage_options).model
+        if not isinstance(model, DeMLModel):
+            raise ValueError(f"{checkpoint_uri}: object-attention maps need a model.kind deml checkpoint")
+        self.model = model.to(self.device).eval()
+        self.run_id = run_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.array([not isinstance(e, str) for e in batch["error"]], dtype=bool)
+        if not ok.any():
+            return ACTIVATION_MAPS_SCHEMA.empty_table()
+        with torch.inference_mode():
+            maps = self.model.object_attention(torch.from_numpy(batch["image"][ok]).to(self.device))
+        return object_attention_rows(maps, [str(i) for i in batch["image_id"][ok]], self.run_id)
