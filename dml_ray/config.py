@@ -40,8 +40,6 @@ class DataConfig(Strict):
     def _crop_fits(self) -> "DataConfig":
         if self.image_size > self.resize:
             raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize}")
-        if self.kind != "synthetic" and not self.root:
-            raise ValueError(f"data.root is required for kind {self.kind!r}")
         return self
 
 
@@ -281,6 +279,12 @@ class RunConfig(Strict):
             if uri and uri_scheme(uri) not in self.storage.allowed_schemes:
                 raise ValueError(f"{field}: scheme '{uri_scheme(uri)}' is not in storage.allowed_schemes "
                                  f"{self.storage.allowed_schemes}")
+        return self
+
+    @model_validator(mode="after")
+    def _dataset_located(self) -> "RunConfig":
+        if "data" in self.stages and self.data.kind != "synthetic" and not self.data.root:
+            raise ValueError(f"data.root is required for data.kind {self.data.kind!r}")
         return self
 
 

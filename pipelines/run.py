@@ -33,7 +33,7 @@ from pipelines.explain import maps_gallery_png, run_explain
 from pipelines.knn import run_knn
 from pipelines.localize import run_localize
 from pipelines.mpn import run_mpn
-from pipelines.ray_env import ensure_ray
+from pipelines.ray_env import check_gpu_request, ensure_ray
 from pipelines.report import REPORT_FILE, write_report
 from pipelines.train import model_uri, run_train
 
@@ -229,6 +229,9 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
         config = cfg.model_dump(mode="json", exclude={"data": {"storage_options"}})
         update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
         ensure_ray()
+        stages = [only] if only else cfg.stages
+        check_gpu_request({f"{stage}.use_gpu": getattr(cfg, stage).use_gpu for stage in ("train", "embed", "explain")
+                           if stage in stages})
         for name in [only] if only else [s for s in STAGES if s in cfg.stages]:
             run, done = STAGES[name]
             if done(cfg):

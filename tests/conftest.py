@@ -17,7 +17,9 @@ def ray_session():
     """One Ray instance (2 CPUs) shared by every test that needs Ray."""
     import ray
 
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray(num_cpus=2)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = 120

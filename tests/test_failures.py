@@ -89,3 +89,16 @@ def test_killed_embedding_actor_still_embeds_every_image_once(ray_session, damag
     assert set(ids) == set(images.column("image_id").to_pylist()) - bad
     errors = read_table(table_uri(root, "actor-killed", "errors")).column("image_id").to_pylist()
     assert sorted(errors) == sorted(bad)
+
+
+def test_gpu_asked_of_a_local_instance_without_one_fails_fast(ray_session, tmp_path):
+    from dml_ray.io.lock import read_lock
+    from pipelines.run import run_pipeline
+
+    if ray_session.cluster_resources().get("GPU", 0):
+        pytest.fail("this test expects the CPU-only session instance")
+    cfg = demo_like_config(str(tmp_path), stages=["data", "train"], **{"train.use_gpu": True})
+    with pytest.raises(ValueError, match=r"^train.use_gpu: true, but the local Ray instance has no GPU"):
+        run_pipeline(cfg)
+    assert not is_committed(table_uri(cfg.output_root, "t", "images"))
+    assert read_lock(cfg.output_root) is None
