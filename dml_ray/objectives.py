@@ -1,7 +1,7 @@
 """What a training step minimises: a module from (model output, labels) to a loss and per-step statistics.
 
 An objective owns every trainable parameter that is not part of the embedding model (a loss's
-proxies, the MPN and its classifiers), so the optimizer, the checkpoint and DDP treat it as one
+proxies, the MPN and its classifiers, DeML's adversaries), so the optimizer, the checkpoint and DDP treat it as one
 module. ``build_objective`` picks it from ``model.kind``.
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ class MPNObjective(nn.Module):
     """MPN over the complete batch graph + CE on its logits and auxiliary CE on the backbone (mpn Sec. 3.1).
 
     The backbone classifier maps the raw backbone embedding to class logits; the MPN refines the
-    raw embeddings of the batch and classifies the refined features. Every step also returns the
-    attention diagnostics of Sec. 4.2.2 per layer and head.
+    batch's embeddings (``mpn_input``) and classifies the refined features. Every step also returns
+    the attention diagnostics of Sec. 4.2.2 per layer and head.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, embedding_dim: int) -> None:
