@@ -122,18 +122,21 @@ def localization_sections(output_root: str, run_id: str, metrics: pa.Table, stor
         sections.append(Section(f"{title} ({split}, {method}, {kind} reference, threshold {best:.2f})",
                                 title.lower().replace(" ", "-"),
                                 text="White: predicted box; green: ground truth.",
-                                figures=[_boxes_figure(rows, images, maps, gt, data)]))
+                                figures=[_boxes_figure(rows, images, maps, gt, data, storage_options)]))
     return sections
 
 
-def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, data: DataConfig) -> bytes:
+def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, data: DataConfig,
+                  storage_options: Optional[dict]) -> bytes:
+    """Overlays of ``rows``' maps and boxes on their images (read with the run's storage options: the
+    manifest's data config never holds them)."""
     ids = [r["image_id"] for r in rows]
     uris = dict(zip(images.column("image_id").to_pylist(), images.column("uri").to_pylist()))
     chosen = maps.filter(pc.is_in(maps.column("image_id"), pa.array(ids))).to_pylist()
     by_id = {m["image_id"]: np.asarray(m["map"], np.float32).reshape(m["map_h"], m["map_w"]) for m in chosen}
     views = []
     for image_id in ids:
-        fs, path = url_to_fs(uris[image_id], data.storage_options or None)
+        fs, path = url_to_fs(uris[image_id], storage_options)
         with fs.open(path, "rb") as f:
             views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
     titles = [f"IoU {r['iou']:.2f}" for r in rows]

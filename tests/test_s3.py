@@ -390,3 +390,32 @@ def test_lock_is_exclusive_on_s3(so):
                 pass
         assert read_lock(out, so)["token"] == mine["token"]
     assert read_lock(out, so) is None and _keys(so, "out") == []
+
+
+def test_every_stage_reads_and_writes_the_bucket(ray_session, so):
+    """The demo's stages (train through Ray Train, explain, localize, report too) with data and outputs in S3."""
+    from dml_ray.io.tables import is_committed, table_uri
+    from pipelines.run import run_pipeline
+    from tests.conftest import demo_like_config
+
+    out = f"s3://{BUCKET}/all"
+    stages = ["data", "train", "embed", "evaluate", "knn", "mpn", "explain", "localize", "report"]
+    cfg = demo_like_config(out, stages=stages, **{
+        "data.root": f"s3://{BUCKET}/all-data", "data.storage_options": so,
+        "data.synthetic": {"n_classes": 6, "images_per_class": 6, "image_size": 64, "seed": 2},
+        "train.epochs": 1, "train.num_workers": 1, "train.classes_per_batch": 3, "train.samples_per_class": 2,
+        "knn.k1": 10, "knn.batch_size": 8, "explain.methods": ["decomposition", "distcam"]})
+    summary = run_pipeline(cfg)
+    assert summary.ran == [s for s in stages if s != "mpn"] and summary.skipped == ["mpn"]
+    s3fs.S3FileSystem.clear_instance_cache()
+    for table in ("images", "embeddings", "feature_maps", "neighbors", "prototypes", "activation_maps",
+                  "localization"):
+        assert is_committed(table_uri(out, "t", table), so), table
+    for part in ("train", "evaluate", "localize"):
+        assert is_committed(table_uri(out, "t", "metrics", part), so), part
+    keys = _keys(so, "all")
+    for name in ("model/model.pt", "report.html", "explain_gallery.png", "manifest.json"):
+        assert f"{BUCKET}/all/runs/t/{name}" in keys, name
+    assert any(k.startswith(f"{BUCKET}/all/_train/t/") for k in keys)  # Ray Train's checkpoints
+    assert not [k for k in keys if "/_staging/" in k] and f"{BUCKET}/all/_lock.json" not in keys
+    assert summary.report == f"{out}/runs/t/report.html" and summary.latest
