@@ -85,7 +85,8 @@ def _summary_table(metrics: pa.Table) -> list[list[object]]:
 def localization_sections(output_root: str, run_id: str, metrics: pa.Table, storage_options: Optional[dict],
                           method: str = "decomposition", kind: str = "neighbor", n: int = 6) -> list[Section]:
     """Accuracy vs threshold (Table I) and best / worst localized images of the primary split (test when
-    localized), best thresholds of every split (Table II)."""
+    localized) for ``kind`` / ``method`` (else the first localized map kind), best thresholds of every split
+    (Table II)."""
     localized = set(metrics.filter(pc.equal(metrics.column("stage"), "localize")).column("split").to_pylist())
     split = PRIMARY_SPLIT if PRIMARY_SPLIT in localized else sorted(localized)[0]
     header = ["split", "reference / method", "best threshold", "best accuracy", "held-out threshold", "accuracy at it",
@@ -101,8 +102,12 @@ def localization_sections(output_root: str, run_id: str, metrics: pa.Table, stor
                      "on a held-out part of the split, with the accuracy on the rest (Table II).",
                 tables=[(header, _summary_table(metrics))]),
     ]
-    best = {r["metric"]: r["value"] for r in metrics.to_pylist() if r["split"] == split}.get(
-        f"loc_best_threshold/{kind}/{method}")
+    thresholds = {r["metric"].split("/", 1)[1]: r["value"] for r in metrics.to_pylist()
+                  if r["split"] == split and r["metric"].startswith("loc_best_threshold/")
+                  and not r["metric"].startswith("loc_best_threshold/none/")}
+    if f"{kind}/{method}" not in thresholds and thresholds:  # e.g. a DeML run: its maps are oam / self
+        kind, method = sorted(thresholds)[0].split("/", 1)
+    best = thresholds.get(f"{kind}/{method}")
     if best is None:
         return sections
     manifest = read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}

@@ -375,7 +375,7 @@ def test_pipeline_end_to_end(ray_session, tmp_path) -> None:
     config = Path(__file__).parents[1] / "jobs/configs/deml_i2_j4.yaml"
     cfg = load_config(config, {
         "output_root": str(tmp_path), "run_id": "t", "num_threads": 1,
-        "stages": ["data", "train", "embed", "evaluate", "explain", "localize"],
+        "stages": ["data", "train", "embed", "evaluate", "explain", "localize", "report"],
         "data": {"kind": "synthetic", "synthetic": {"n_classes": 8, "images_per_class": 6, "image_size": 72},
                  "resize": 64, "image_size": 64},
         "model.weights": "none", "model.embedding_dim": 64,
@@ -402,3 +402,6 @@ def test_pipeline_end_to_end(ray_session, tmp_path) -> None:
     assert set(maps.column("method").to_pylist()) == {"oam"} and set(maps.column("image_id").to_pylist()) == test_ids
     assert maps.column("map_h")[0].as_py() == 4
     assert any(r["metric"] == "loc_best_acc/self/oam" for r in metrics)
+    with open(summary.report) as f:
+        html = f.read()
+    assert "id='best-localized'" in html and "oam, self reference" in html
