@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -33,7 +34,10 @@ def _refine_shard(checkpoint_uri: str, storage_options: Optional[dict], features
     torch.set_num_threads(num_threads)
     loaded = load_checkpoint(checkpoint_uri, storage_options)
     mpn = load_mpn(loaded.model_config, len(loaded.class_names), loaded.model.embedding_dim, loaded.objective_state)
-    refined = refine_over_batches(mpn, torch.from_numpy(features), torch.from_numpy(batches), torch.from_numpy(rows))
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        features_t = torch.from_numpy(features)
+    refined = refine_over_batches(mpn, features_t, torch.from_numpy(batches), torch.from_numpy(rows))
     return refined.numpy()
 
 
