@@ -11,6 +11,7 @@ from typing import Any, Optional, get_args
 import yaml
 
 from dml_ray.config import ConfigError, Stage, load_config
+from dml_ray.io.run import storage_options_of
 
 log = logging.getLogger("dml_ray")
 
@@ -82,7 +83,7 @@ def _root_and_storage(args: argparse.Namespace) -> tuple[str, Optional[dict]]:
     in the config or the environment, never on the command line)."""
     if args.config:
         cfg = load_config(args.config)
-        return args.root or cfg.output_root, cfg.data.storage_options or None
+        return args.root or cfg.output_root, storage_options_of(cfg)
     return args.root or "demo_out", None
 
 
@@ -143,13 +144,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dml_ray.io.tables import latest_run
+    from dml_ray.io.run import open_run
     from pipelines.report import write_report
 
-    run_id = args.run or latest_run(args.root)
-    if run_id is None:
-        raise FileNotFoundError(f"{args.root}: no runs yet; pass --run")
-    print(f"report: {write_report(args.root, run_id)}")
+    print(f"report: {write_report(open_run(args.root, args.run))}")
     return 0
 
 
@@ -216,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run, or of every run")
     p.add_argument("sql")
     p.add_argument("--root", default=None, help="output root (default: the --config's, else ./demo_out)")
-    p.add_argument("--config", help="a run config: its output_root and data.storage_options (for s3:// roots)")
+    p.add_argument("--config", help="a run config: its output_root and storage.options (for s3:// roots)")
     p.add_argument("--run", default=None, help="run id (default: the latest run)")
     p.add_argument("--all-runs", action="store_true", help="views over every run (tell them apart by run_id)")
     p.add_argument("--format", choices=["table", "csv"], default="table")
@@ -225,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("unlock", help="remove an output root's lock left by a run that died on another host")
     p.add_argument("--root", default=None, help="output root (default: the --config's)")
-    p.add_argument("--config", help="a run config: its output_root and data.storage_options")
+    p.add_argument("--config", help="a run config: its output_root and storage.options")
     p.set_defaults(func=cmd_unlock)
     return parser
 

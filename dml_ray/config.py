@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
 Stage = Literal["data", "train", "embed", "evaluate", "knn", "mpn", "explain", "localize", "report"]
+log = logging.getLogger(__name__)
+
 MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam", "oam"]
 
 
@@ -34,7 +37,8 @@ class DataConfig(Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     image_size: int = Field(224, ge=16, description="side of the square model input (center crop)")
     resize: int = Field(256, ge=16, description="shorter side after resizing, before the crop")
-    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, exclude=True,
+                                            description="deprecated: use storage.options")
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DataConfig":
@@ -223,6 +227,9 @@ class LocalizeConfig(Strict):
 
 
 class StorageConfig(Strict):
+    options: dict[str, Any] = Field(default_factory=dict, repr=False,
+                                    description="fsspec storage options of every URI the run reads or writes "
+                                                "(credentials, endpoint_url); never logged or written to a manifest")
     allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3", "memory"], min_length=1,
                                        description="URI schemes a run may read or write (fsspec protocols)")
 
@@ -248,6 +255,17 @@ class RunConfig(Strict):
     explain: ExplainConfig = ExplainConfig()
     localize: LocalizeConfig = LocalizeConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _storage_options_moved(self) -> "RunConfig":
+        """``data.storage_options`` is accepted for one release: it becomes ``storage.options``."""
+        if self.data.storage_options:
+            if self.storage.options and self.storage.options != self.data.storage_options:
+                raise ValueError("data.storage_options and storage.options are both set; keep storage.options")
+            log.warning("config: data.storage_options is deprecated and will be removed in the next release; "
+                        "move it to storage.options")
+            self.storage.options = dict(self.data.storage_options)
+        return self
 
     @model_validator(mode="after")
     def _explain_fits_the_model(self) -> "RunConfig":

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dml_ray.io.fs import join, url_to_fs
-from dml_ray.io.tables import read_json, read_table, run_uri, table_uri
+from dml_ray.io.fs import join
+from dml_ray.io.run import Run, runs_of
 from dml_ray.report.html import Section, render_report
 
 LOCALIZED = ("neighbor/decomposition", "neighbor/decomposition_bias")
@@ -16,31 +16,31 @@ def _value(rows: list[dict], split: str, metric: str, k: Optional[int] = None) -
     return next((r["value"] for r in rows if r["split"] == split and r["metric"] == metric and r["k"] == k), None)
 
 
-def compare_runs(output_root: str, run_ids: list[str], storage_options: Optional[dict] = None) -> list[list[object]]:
+def compare_runs(runs: list[Run]) -> list[list[object]]:
     """One row per run: Recall@1 on train and test splits and its drop (Table III), localization accuracy at
     the best threshold on the train and test splits (Table IV)."""
     table = []
-    for run_id in run_ids:
-        metrics = read_table(table_uri(output_root, run_id, "metrics"), storage_options).to_pylist()
-        config = (read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}).get(
-            "config", {})
+    for run in runs:
+        metrics = run.read("metrics").to_pylist()
+        config = run.manifest.get("config", {})
         r1_train, r1_test = _value(metrics, "train", "recall", 1), _value(metrics, "test", "recall", 1)
         drop = None if r1_train is None or r1_test is None else r1_train - r1_test
-        row = [run_id, config.get("model", {}).get("backbone"), config.get("train", {}).get("loss", {}).get("name"),
+        row = [run.run_id, config.get("model", {}).get("backbone"), config.get("train", {}).get("loss", {}).get("name"),
                r1_train, r1_test, drop]
         row += [_value(metrics, split, f"loc_best_acc/{m}") for m in LOCALIZED for split in ("train", "test")]
         table.append(row)
     return table
 
 
-def write_comparison(output_root: str, run_ids: list[str], storage_options: Optional[dict] = None) -> tuple[str, list]:
-    """Write ``<output_root>/compare-<a>-vs-<b>.html`` and return its URI and the rows."""
-    rows = compare_runs(output_root, run_ids, storage_options)
+def write_comparison(output_root: str, run_ids: list[str], storage: object = None) -> tuple[str, list]:
+    """Write ``<output_root>/compare-<a>-vs-<b>.html`` and return its URI and the rows (``storage``: as
+    ``open_run`` takes it)."""
+    runs = runs_of(output_root, run_ids, storage)
+    rows = compare_runs(runs)
     section = Section("Train vs test", "compare", text="Recall@1 on the training classes and on the unseen test "
                       "classes, and the localization accuracy of the activation maps on both splits: a model "
                       "whose maps leave the object on its own training images generalises worse "
                       "(activation-decomposition-tip2021 Tables III, IV).", tables=[(HEADER, rows)])
-    uri = join(output_root, f"compare-{'-vs-'.join(run_ids)}.html")
-    fs, path = url_to_fs(uri, storage_options)
-    fs.pipe_file(path, render_report("dml_ray model comparison", [section], " vs ".join(run_ids)).encode())
+    uri = runs[0].write_bytes(join(output_root, f"compare-{'-vs-'.join(run_ids)}.html"),
+                              render_report("dml_ray model comparison", [section], " vs ".join(run_ids)).encode())
     return uri, rows

@@ -77,13 +77,14 @@ def _fetch_and_hash(batch: pa.Table, storage_options: Optional[dict]) -> pa.Tabl
 
 
 def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: DataConfig, cfg: EmbedConfig,
-                  num_threads: int = 1, crash_once: Optional[str] = None) -> ray.data.Dataset:
+                  num_threads: int = 1, crash_once: Optional[str] = None,
+                  storage_options: Optional[dict] = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline producing output rows (with a nullable ``error`` column)."""
     images = images.filter(pc.is_in(images.column("split"), pa.array(cfg.splits)))
     columns = ["image_id", "uri", "label", "split"]
     n_blocks = max(1, min(images.num_rows // cfg.batch_size, 64))
     ds = ray.data.from_arrow(images.select(columns)).repartition(n_blocks)
-    so = data.storage_options or None
+    so = storage_options
     ds = ds.map_batches(_fetch_and_hash, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
                         batch_size=cfg.batch_size, num_cpus=READ_CPUS)
     ds = ds.map_batches(decode_batch, fn_kwargs={"resize": data.resize, "image_size": data.image_size},
@@ -127,7 +128,8 @@ _STATUS_COLUMNS = {"image_id": pa.string(), "uri": pa.string(), "model_id": pa.s
 
 
 def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: str, data: DataConfig,
-              cfg: EmbedConfig, num_threads: int = 1, crash_once: Optional[str] = None) -> EmbedResult:
+              cfg: EmbedConfig, num_threads: int = 1, crash_once: Optional[str] = None,
+              storage_options: Optional[dict] = None) -> EmbedResult:
     """Embed every image of the configured splits; commit ``embeddings`` (+ ``feature_maps``), ``embedding_keys``
     and ``errors``, or nothing at all when the error budget is exceeded.
 
@@ -135,7 +137,7 @@ def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: s
     the same bytes are copied from it instead (pipelines/incremental.py).
     """
     start = time.perf_counter()
-    so = data.storage_options or None
+    so = storage_options
     images = images.filter(pc.is_in(images.column("split"), pa.array(cfg.splits)))
     tables = ["embeddings", *(["feature_maps"] if cfg.feature_maps else [])]
     runs = source_runs(output_root, run_id, tables, so) if cfg.incremental else []
@@ -151,7 +153,7 @@ def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: s
     status = pa.schema(_STATUS_COLUMNS).empty_table()
     try:
         if todo.num_rows:
-            embed_dataset(todo, checkpoint_uri, run_id, data, cfg, num_threads, crash_once).write_parquet(
+            embed_dataset(todo, checkpoint_uri, run_id, data, cfg, num_threads, crash_once, so).write_parquet(
                 raw_path, filesystem=fs)
             status = pads.dataset(raw_path, filesystem=fs, format="parquet").to_table(columns=list(_STATUS_COLUMNS))
             source = ray.data.read_parquet(raw_path, filesystem=fs)

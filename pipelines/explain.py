@@ -37,6 +37,7 @@ from dml_ray.retrieval.search import search_excluding_self
 
 log = logging.getLogger(__name__)
 
+GALLERY_FILE = "explain_gallery.png"
 SMALL_FEATURE_COLUMNS = ["image_id", "label", "split", "model_id", "gap_feature", "bias"]
 
 
@@ -268,7 +269,7 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
 
 
 def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data: DataConfig, n: int = 6,
-                     seed: int = 0, kind: str = "neighbor") -> bytes:
+                     seed: int = 0, kind: str = "neighbor", storage_options: Optional[dict] = None) -> bytes:
     """PNG gallery: ``n`` sampled explained images (model-input frame), each method's map against its ``kind``
     reference overlaid; maps without a reference (``self``, e.g. DeML's ``oam``) are shown whatever ``kind``."""
     maps = maps.filter(pc.is_in(maps.column("reference_kind"), pa.array([kind, SELF_KIND])))
@@ -278,7 +279,7 @@ def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data:
     uris = dict(zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()))
     views, per_image = [], []
     for image_id in chosen:
-        fs, path = url_to_fs(uris[image_id], data.storage_options or None)
+        fs, path = url_to_fs(uris[image_id], storage_options)
         with fs.open(path, "rb") as f:
             views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
         mine = maps.filter(pc.equal(maps.column("image_id"), image_id)).to_pylist()

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dml_ray.config import DataConfig
 from dml_ray.data.transforms import decode_image, display_view
-from dml_ray.io.fs import join, url_to_fs
-from dml_ray.io.tables import committed_tables, read_json, read_table, run_uri, table_uri
+from dml_ray.io.run import Run
 from dml_ray.report.html import Section, render_report
 from dml_ray.report.overlays import boxes_gallery
 from dml_ray.report.plots import attention_png, localization_curves_png, run_summary_png
+from pipelines.explain import GALLERY_FILE
 from pipelines.localize import ground_truth
 
 log = logging.getLogger(__name__)
@@ -23,17 +21,13 @@ REPORT_FILE = "report.html"
 PRIMARY_SPLIT = "test"
 
 
-def _figure(uri: str, storage_options: Optional[dict]) -> Optional[bytes]:
-    fs, path = url_to_fs(uri, storage_options)
-    return fs.cat_file(path) if fs.exists(path) else None
-
-
-def build_sections(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> list[Section]:
+def build_sections(run: Run) -> list[Section]:
     """The report's sections for whatever stages the run has committed."""
-    tables = committed_tables(output_root, run_id, storage_options)
+    tables = run.tables()
+    run_id = run.run_id
     sections = []
     if "metrics" in tables:
-        metrics = read_table(tables["metrics"], storage_options)
+        metrics = run.read("metrics")
         # training curves and localization have their own figures and tables
         rows = sorted((r["stage"], r["split"], r["metric"], r["k"], r["value"]) for r in metrics.to_pylist()
                       if r["stage"] not in ("train", "localize", "mpn"))
@@ -41,13 +35,12 @@ def build_sections(output_root: str, run_id: str, storage_options: Optional[dict
                                 tables=[(["stage", "split", "metric", "k", "value"], rows)],
                                 figures=[run_summary_png(metrics, f"run {run_id}")]))
         sections += mpn_sections(metrics, run_id)
-    gallery = _figure(join(run_uri(output_root, run_id), "explain_gallery.png"), storage_options)
+    gallery = run.read_bytes(run.path(GALLERY_FILE))
     if gallery is not None:
         sections.append(Section("Activation maps", "maps", text="A sample of explained images, each method's map "
                                 "against the image's nearest neighbour.", figures=[gallery]))
     if "localization" in tables and "metrics" in tables:
-        sections += localization_sections(output_root, run_id, read_table(tables["metrics"], storage_options),
-                                          storage_options)
+        sections += localization_sections(run, run.read("metrics"))
     return sections
 
 
@@ -82,12 +75,13 @@ def _summary_table(metrics: pa.Table) -> list[list[object]]:
     return [[split, name, *(v.get(k) for k in keys)] for (split, name), v in order]
 
 
-def localization_sections(output_root: str, run_id: str, metrics: pa.Table, storage_options: Optional[dict],
-                          method: str = "decomposition", kind: str = "neighbor", n: int = 6) -> list[Section]:
+def localization_sections(run: Run, metrics: pa.Table, method: str = "decomposition", kind: str = "neighbor",
+                          n: int = 6) -> list[Section]:
     """Accuracy vs threshold (Table I) and best / worst localized images of the primary split (test when
     localized) for ``kind`` / ``method`` (else the first localized map kind), best thresholds of every split
     (Table II)."""
     localized = set(metrics.filter(pc.equal(metrics.column("stage"), "localize")).column("split").to_pylist())
+    run_id = run.run_id
     split = PRIMARY_SPLIT if PRIMARY_SPLIT in localized else sorted(localized)[0]
     header = ["split", "reference / method", "best threshold", "best accuracy", "held-out threshold", "accuracy at it",
               "MaxBoxAccV2", "top-1 loc. error", "images"]
@@ -110,16 +104,15 @@ def localization_sections(output_root: str, run_id: str, metrics: pa.Table, stor
     best = thresholds.get(f"{kind}/{method}")
     if best is None:
         return sections
-    manifest = read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}
-    data = DataConfig.model_validate(manifest.get("config", {}).get("data", {}))
-    loc = read_table(table_uri(output_root, run_id, "localization"), storage_options)
+    data = DataConfig.model_validate(run.manifest.get("config", {}).get("data", {}))
+    loc = run.read("localization")
     loc = loc.filter(pc.and_(pc.and_(pc.equal(loc.column("method"), method), pc.equal(loc.column("reference_kind"),
                                                                                      kind)),
                              pc.less(pc.abs(pc.subtract(loc.column("threshold"), best)), 1e-4))).sort_by("iou")
-    images = read_table(table_uri(output_root, run_id, "images"), storage_options)
+    images = run.read("images")
     in_split = images.filter(pc.equal(images.column("split"), split)).column("image_id")
     loc = loc.filter(pc.is_in(loc.column("image_id"), in_split))
-    maps = read_table(table_uri(output_root, run_id, "activation_maps"), storage_options)
+    maps = run.read("activation_maps")
     maps = maps.filter(pc.and_(pc.equal(maps.column("method"), method), pc.equal(maps.column("reference_kind"), kind)))
     gt = ground_truth(images, data)
     for title, rows in (("Best localized", loc.slice(max(0, loc.num_rows - n)).to_pylist()[::-1]),
@@ -127,12 +120,12 @@ def localization_sections(output_root: str, run_id: str, metrics: pa.Table, stor
         sections.append(Section(f"{title} ({split}, {method}, {kind} reference, threshold {best:.2f})",
                                 title.lower().replace(" ", "-"),
                                 text="White: predicted box; green: ground truth.",
-                                figures=[_boxes_figure(rows, images, maps, gt, data, storage_options)]))
+                                figures=[_boxes_figure(rows, images, maps, gt, data, run)]))
     return sections
 
 
 def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, data: DataConfig,
-                  storage_options: Optional[dict]) -> bytes:
+                  run: Run) -> bytes:
     """Overlays of ``rows``' maps and boxes on their images (read with the run's storage options: the
     manifest's data config never holds them)."""
     ids = [r["image_id"] for r in rows]
@@ -141,23 +134,20 @@ def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, 
     by_id = {m["image_id"]: np.asarray(m["map"], np.float32).reshape(m["map_h"], m["map_w"]) for m in chosen}
     views = []
     for image_id in ids:
-        fs, path = url_to_fs(uris[image_id], storage_options)
-        with fs.open(path, "rb") as f:
-            views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
+        views.append(display_view(decode_image(run.read_input(uris[image_id])), data.resize,
+                                  data.image_size).numpy())
     titles = [f"IoU {r['iou']:.2f}" for r in rows]
     return boxes_gallery(views, [by_id[i] for i in ids], [r["box"] for r in rows], [gt[i] for i in ids], titles)
 
 
-def write_report(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> str:
+def write_report(run: Run) -> str:
     """Write ``runs/<run_id>/report.html`` and return its URI."""
-    manifest = read_json(join(run_uri(output_root, run_id), "manifest.json"), storage_options) or {}
-    sections = build_sections(output_root, run_id, storage_options)
+    manifest, run_id = run.manifest, run.run_id
+    sections = build_sections(run)
     if not sections:
-        raise FileNotFoundError(f"{output_root}: run {run_id!r} has nothing to report yet")
+        raise FileNotFoundError(f"{run.output_root}: run {run_id!r} has nothing to report yet")
     model = manifest.get("config", {}).get("model", {})
     meta = f"run {run_id} · {model.get('backbone', '?')} · git {str(manifest.get('git_sha') or '?')[:10]}"
-    uri = join(run_uri(output_root, run_id), REPORT_FILE)
-    fs, path = url_to_fs(uri, storage_options)
-    fs.pipe_file(path, render_report(f"dml_ray run {run_id}", sections, meta).encode())
+    uri = run.write_bytes(run.path(REPORT_FILE), render_report(f"dml_ray run {run_id}", sections, meta).encode())
     log.info("report written to %s", uri)
     return uri

@@ -12,24 +12,14 @@ import pyarrow as pa
 from dml_ray.config import RunConfig
 from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
-from dml_ray.io.fs import join, url_to_fs
-from dml_ray.io.lock import output_lock
+from dml_ray.io.fs import join
+from dml_ray.io.run import Run, open_run
 from dml_ray.io.schemas import METRICS_SCHEMA
-from dml_ray.io.tables import (
-    is_committed,
-    read_table,
-    run_uri,
-    set_latest,
-    staging_uri,
-    table_uri,
-    update_manifest,
-    write_table,
-)
 from dml_ray.models.checkpoint import load_checkpoint, versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
 from pipelines.evaluate import evaluate_learners, evaluated_splits, run_evaluate
-from pipelines.explain import maps_gallery_png, run_explain
+from pipelines.explain import GALLERY_FILE, maps_gallery_png, run_explain
 from pipelines.knn import run_knn
 from pipelines.localize import run_localize
 from pipelines.mpn import run_mpn
@@ -38,6 +28,8 @@ from pipelines.report import REPORT_FILE, write_report
 from pipelines.train import model_uri, run_train
 
 log = logging.getLogger(__name__)
+
+SUMMARY_FIGURE = "summary.png"
 
 
 @dataclass
@@ -66,132 +58,139 @@ def data_root(cfg: RunConfig) -> str:
     return cfg.data.root or join(cfg.output_root, "synthetic")
 
 
-def _stage_data(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
+@dataclass(frozen=True)
+class Output:
+    """A table (or one stage's part of it) a stage commits; ``when`` says whether the config asks for it."""
+
+    table: str
+    part: Optional[str] = None
+    when: Optional[Callable[[RunConfig], bool]] = None
+
+    def wanted(self, cfg: RunConfig) -> bool:
+        return self.when is None or self.when(cfg)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: what it does (``fn(cfg, run)``), the tables it reads, and what it writes.
+
+    "Done" is derived from the declared outputs: every wanted output table committed and every file
+    present. ``applies`` (when given) says whether the stage has anything to do for this run at all.
+    """
+
+    name: str
+    fn: Callable[[RunConfig, Run], dict]
+    reads: tuple[str, ...] = ()
+    writes: tuple[Output, ...] = ()
+    files: tuple[str, ...] = ()
+    applies: Optional[Callable[[RunConfig, Run], bool]] = None
+
+    def done(self, cfg: RunConfig, run: Run) -> bool:
+        if self.applies is not None and not self.applies(cfg, run):
+            return True
+        return (all(run.committed(o.table, o.part) for o in self.writes if o.wanted(cfg))
+                and all(run.exists(run.path(f)) for f in self.files))
+
+    def missing_inputs(self, run: Run) -> list[str]:
+        return [t for t in self.reads if not run.committed(t)]
+
+
+def _stage_data(cfg: RunConfig, run: Run) -> dict:
+    so = run.storage_options
     root = data_root(cfg)
-    if cfg.data.kind == "synthetic":
-        fs, path = url_to_fs(root, so)
-        if not fs.exists(join(path, "images.txt")):
-            s = cfg.data.synthetic
-            generate_synthetic(root, s.n_classes, s.images_per_class, s.image_size, s.seed, so)
-    images = read_images(cfg.data.kind, root, so)
-    final = table_uri(cfg.output_root, cfg.run_id, "images")
-    marker = write_table(images, final, staging_uri(cfg.output_root, cfg.run_id, "images"), so)
+    if cfg.data.kind == "synthetic" and not run.exists(join(root, "images.txt")):
+        s = cfg.data.synthetic
+        generate_synthetic(root, s.n_classes, s.images_per_class, s.image_size, s.seed, so)
+    marker = run.commit("images", read_images(cfg.data.kind, root, so))
     return {"rows": marker["rows"]}
 
 
-def _stage_train(cfg: RunConfig) -> dict:
-    images = table_uri(cfg.output_root, cfg.run_id, "images")
-    result = run_train(images, cfg)
+def _stage_train(cfg: RunConfig, run: Run) -> dict:
+    result = run_train(run.table_uri("images"), cfg)
     rows = [{"run_id": cfg.run_id, "stage": "train", "split": "train", "metric": name, "k": int(h["epoch"]),
              "value": float(value)} for h in result.history for name, value in h.items()
             if name not in ("epoch", "attempt", "steps", "seconds")]
-    so = cfg.data.storage_options or None
-    write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA),
-                table_uri(cfg.output_root, cfg.run_id, "metrics", "train"),
-                staging_uri(cfg.output_root, cfg.run_id, "metrics", "train"), so, replace=True)
+    run.commit("metrics", pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), part="train", replace=True)
     return {"checkpoint": result.checkpoint_uri, "history": result.history}
 
 
-def _stage_embed(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
-    images = read_table(table_uri(cfg.output_root, cfg.run_id, "images"), so)
-    result = run_embed(images, _checkpoint(cfg), cfg.output_root, cfg.run_id, cfg.data, cfg.embed, cfg.num_threads)
+def _stage_embed(cfg: RunConfig, run: Run) -> dict:
+    result = run_embed(run.read("images"), _checkpoint(cfg, run), cfg.output_root, cfg.run_id, cfg.data, cfg.embed,
+                       cfg.num_threads, storage_options=run.storage_options)
     return {"rows": result.rows, "errors": result.errors, "reused": result.reused}
 
 
-def _stage_evaluate(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
-    embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
-    ks = cfg.evaluate.ks or default_ks(cfg.data.kind)
-    metrics = run_evaluate(embeddings, ks, cfg.evaluate, cfg.run_id, num_threads=cfg.num_threads)
+def _ks(cfg: RunConfig) -> list[int]:
+    return cfg.evaluate.ks or default_ks(cfg.data.kind)
+
+
+def _stage_evaluate(cfg: RunConfig, run: Run) -> dict:
+    embeddings = run.read("embeddings")
+    metrics = run_evaluate(embeddings, _ks(cfg), cfg.evaluate, cfg.run_id, num_threads=cfg.num_threads)
     if cfg.model.kind == "deml":
-        learners = evaluate_learners(embeddings, cfg.model.deml, ks, cfg.evaluate, cfg.run_id, cfg.num_threads)
+        learners = evaluate_learners(embeddings, cfg.model.deml, _ks(cfg), cfg.evaluate, cfg.run_id, cfg.num_threads)
         metrics = pa.concat_tables([metrics, learners])
-    write_table(metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate"),
-                staging_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate"), so)
+    run.commit("metrics", metrics, part="evaluate")
     return {"rows": metrics.num_rows}
 
 
-def _stage_knn(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
-    embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
+def _stage_knn(cfg: RunConfig, run: Run) -> dict:
+    embeddings = run.read("embeddings")
     splits = cfg.knn.splits or evaluated_splits(embeddings, cfg.evaluate)
     neighbors = run_knn(embeddings, splits, cfg.knn, cfg.run_id)
-    write_table(neighbors, table_uri(cfg.output_root, cfg.run_id, "neighbors"),
-                staging_uri(cfg.output_root, cfg.run_id, "neighbors"), so)
+    run.commit("neighbors", neighbors)
     return {"rows": neighbors.num_rows}
 
 
-def _stage_mpn(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
-    checkpoint = _checkpoint(cfg)
-    loaded = load_checkpoint(checkpoint, so)
+def _has_mpn(cfg: RunConfig, run: Run) -> bool:
+    """Whether the run's model has a message passing network to refine with (assumed until there is a model)."""
+    if cfg.model.weights in ("none", "imagenet") and not run.exists(model_uri(run.output_root, run.run_id)):
+        return True
+    return load_checkpoint(_checkpoint(cfg, run), run.storage_options).model_config.kind == "mpn"
+
+
+def _stage_mpn(cfg: RunConfig, run: Run) -> dict:
+    checkpoint = _checkpoint(cfg, run)
+    loaded = load_checkpoint(checkpoint, run.storage_options)
     if loaded.model_config.kind != "mpn":
         log.info("stage mpn: the model has no message passing network, nothing to refine")
         return {"refined": False}
-    embeddings = read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"), so)
-    neighbors = read_table(table_uri(cfg.output_root, cfg.run_id, "neighbors"), so)
+    embeddings, neighbors = run.read("embeddings"), run.read("neighbors")
     splits = sorted(set(neighbors.column("split").to_pylist()))
     refined = run_mpn(embeddings, neighbors, splits, checkpoint, f"{loaded.model_id}+mpn", cfg.run_id,
-                      cfg.knn.shards, cfg.num_threads, so)
-    write_table(refined, table_uri(cfg.output_root, cfg.run_id, "mpn_embeddings"),
-                staging_uri(cfg.output_root, cfg.run_id, "mpn_embeddings"), so)
-    ks = cfg.evaluate.ks or default_ks(cfg.data.kind)
+                      cfg.knn.shards, cfg.num_threads, run.storage_options)
+    run.commit("mpn_embeddings", refined)
     evaluated = [s for s in evaluated_splits(refined, cfg.evaluate) if s in splits]
-    metrics = run_evaluate(refined, ks, cfg.evaluate, cfg.run_id, splits=evaluated, num_threads=cfg.num_threads,
+    metrics = run_evaluate(refined, _ks(cfg), cfg.evaluate, cfg.run_id, splits=evaluated, num_threads=cfg.num_threads,
                            stage="mpn")
-    write_table(metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "mpn"),
-                staging_uri(cfg.output_root, cfg.run_id, "metrics", "mpn"), so)
+    run.commit("metrics", metrics, part="mpn")
     return {"refined": True, "rows": refined.num_rows}
 
 
-def _mpn_done(cfg: RunConfig) -> bool:
-    """Refined and evaluated, or nothing to refine because the run's model has no MPN."""
-    if _committed("metrics", "mpn")(cfg):
-        return True
-    so = cfg.data.storage_options or None
-    own = model_uri(cfg.output_root, cfg.run_id)
-    if cfg.model.weights in ("none", "imagenet") and not _exists(own, so):
-        return False
-    return load_checkpoint(_checkpoint(cfg), so).model_config.kind != "mpn"
-
-
-def _stage_explain(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
-    splits = cfg.explain.splits or evaluated_splits(read_table(table_uri(cfg.output_root, cfg.run_id, "embeddings"),
-                                                               so, columns=["split"]), cfg.evaluate)
-    result = run_explain(_checkpoint(cfg), cfg.output_root, cfg.run_id, cfg.explain, splits, cfg.num_threads, so)
-    figure = join(run_uri(cfg.output_root, cfg.run_id), "explain_gallery.png")
-    fs, path = url_to_fs(figure, so)
-    images = read_table(table_uri(cfg.output_root, cfg.run_id, "images"), so)
-    maps = read_table(result.activation_maps_uri, so)
-    fs.pipe_file(path, maps_gallery_png(images, maps, cfg.explain.methods, cfg.data, seed=cfg.evaluate.seed))
+def _stage_explain(cfg: RunConfig, run: Run) -> dict:
+    splits = cfg.explain.splits or evaluated_splits(run.read("embeddings", columns=["split"]), cfg.evaluate)
+    result = run_explain(_checkpoint(cfg, run), cfg.output_root, cfg.run_id, cfg.explain, splits, cfg.num_threads,
+                         run.storage_options)
+    figure = run.write_bytes(run.path(GALLERY_FILE), maps_gallery_png(
+        run.read("images"), run.read("activation_maps"), cfg.explain.methods, cfg.data, seed=cfg.evaluate.seed,
+        storage_options=run.storage_options))
     return {"rows": result.rows, "gallery": figure}
 
 
-def _stage_localize(cfg: RunConfig) -> dict:
-    so = cfg.data.storage_options or None
-    result = run_localize(cfg.output_root, cfg.run_id, cfg.data, cfg.localize, so)
-    write_table(result.metrics, table_uri(cfg.output_root, cfg.run_id, "metrics", "localize"),
-                staging_uri(cfg.output_root, cfg.run_id, "metrics", "localize"), so)
+def _stage_localize(cfg: RunConfig, run: Run) -> dict:
+    result = run_localize(cfg.output_root, cfg.run_id, cfg.data, cfg.localize, run.storage_options)
+    run.commit("metrics", result.metrics, part="localize")
     return {"rows": result.rows}
 
 
-def _stage_report(cfg: RunConfig) -> dict:
-    return {"report": write_report(cfg.output_root, cfg.run_id, cfg.data.storage_options or None)}
+def _stage_report(cfg: RunConfig, run: Run) -> dict:
+    return {"report": write_report(run)}
 
 
-def _exists(uri: str, storage_options: Optional[dict]) -> bool:
-    fs, path = url_to_fs(uri, storage_options)
-    return fs.exists(path)
-
-
-def _checkpoint(cfg: RunConfig) -> str:
+def _checkpoint(cfg: RunConfig, run: Run) -> str:
     """The model the run embeds with: its own trained one, else ``model.weights`` when that is a file."""
-    own = model_uri(cfg.output_root, cfg.run_id)
-    fs, path = url_to_fs(own, cfg.data.storage_options or None)
-    if fs.exists(path):
+    own = model_uri(run.output_root, run.run_id)
+    if run.exists(own):
         return own
     if cfg.model.weights in ("none", "imagenet"):
         raise ValueError("embed: no trained model in this run and model.weights is not a checkpoint path; "
@@ -199,65 +198,72 @@ def _checkpoint(cfg: RunConfig) -> str:
     return cfg.model.weights
 
 
-def _committed(table: str, part: Optional[str] = None) -> Callable[[RunConfig], bool]:
-    return lambda c: is_committed(table_uri(c.output_root, c.run_id, table, part), c.data.storage_options or None)
+STAGES: list[Stage] = [
+    Stage("data", _stage_data, writes=(Output("images"),)),
+    Stage("train", _stage_train, reads=("images",), writes=(Output("metrics", "train"),)),
+    # embeddings last: the stage is done iff embeddings is committed
+    Stage("embed", _stage_embed, reads=("images",),
+          writes=(Output("feature_maps", when=lambda c: c.embed.feature_maps), Output("errors", "embed"),
+                  Output("embedding_keys"), Output("embeddings"))),
+    Stage("evaluate", _stage_evaluate, reads=("embeddings",), writes=(Output("metrics", "evaluate"),)),
+    Stage("knn", _stage_knn, reads=("embeddings",), writes=(Output("neighbors"),)),
+    Stage("mpn", _stage_mpn, reads=("embeddings", "neighbors"),
+          writes=(Output("mpn_embeddings"), Output("metrics", "mpn")), applies=_has_mpn),
+    Stage("explain", _stage_explain, reads=("images", "embeddings", "feature_maps"),
+          writes=(Output("prototypes", when=lambda c: c.model.kind != "deml"), Output("activation_maps"))),
+    Stage("localize", _stage_localize, reads=("images", "activation_maps"),
+          writes=(Output("localization"), Output("metrics", "localize"))),
+    Stage("report", _stage_report, files=(REPORT_FILE,)),
+]
+STAGE_NAMES: list[str] = [s.name for s in STAGES]
 
 
-# stage name -> (what it does, whether its output is already there)
-STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], bool]]] = {
-    "data": (_stage_data, _committed("images")),
-    "train": (_stage_train, _committed("metrics", "train")),
-    "embed": (_stage_embed, _committed("embeddings")),
-    "evaluate": (_stage_evaluate, _committed("metrics", "evaluate")),
-    "knn": (_stage_knn, _committed("neighbors")),
-    "mpn": (_stage_mpn, _mpn_done),
-    "explain": (_stage_explain, _committed("activation_maps")),
-    "localize": (_stage_localize, _committed("metrics", "localize")),
-    "report": (_stage_report, lambda c: _exists(join(run_uri(c.output_root, c.run_id), REPORT_FILE),
-                                                c.data.storage_options or None)),
-}
+def stage(name: str) -> Stage:
+    """The stage called ``name``."""
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ValueError(f"unknown stage '{name}'; expected one of: {', '.join(STAGE_NAMES)}")
 
 
 def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
     """Run the configured stages (or just the stage ``only``) in order under the output root's lock; a stage
-    whose output is committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
-    so = cfg.data.storage_options or None
-    if only is not None and only not in STAGES:
-        raise ValueError(f"unknown stage '{only}'; expected one of: {', '.join(STAGES)}")
-    summary = RunSummary(cfg.run_id, join(cfg.output_root, "runs", cfg.run_id))
-    with output_lock(cfg.output_root, cfg.run_id, so):
-        config = cfg.model_dump(mode="json", exclude={"data": {"storage_options"}})
-        update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
+    whose outputs are committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
+    chosen = [stage(only)] if only is not None else [s for s in STAGES if s.name in cfg.stages]
+    run = open_run(cfg.output_root, cfg.run_id, cfg.storage, create=True)
+    summary = RunSummary(cfg.run_id, run.uri)
+    with run.lock():
+        config = cfg.model_dump(mode="json", exclude={"storage": {"options"}})
+        run.update_manifest(config=config, versions=versions(), git_sha=_git_sha())
         ensure_ray()
-        stages = [only] if only else cfg.stages
-        check_gpu_request({f"{stage}.use_gpu": getattr(cfg, stage).use_gpu for stage in ("train", "embed", "explain")
-                           if stage in stages})
-        for name in [only] if only else [s for s in STAGES if s in cfg.stages]:
-            run, done = STAGES[name]
-            if done(cfg):
-                log.info("stage %s: already committed, skipped", name)
-                summary.skipped.append(name)
+        check_gpu_request({f"{s.name}.use_gpu": getattr(cfg, s.name).use_gpu for s in chosen
+                           if s.name in ("train", "embed", "explain")})
+        for step in chosen:
+            if step.done(cfg, run):
+                log.info("stage %s: already committed, skipped", step.name)
+                summary.skipped.append(step.name)
                 continue
-            log.info("stage %s: running", name)
+            missing = step.missing_inputs(run)
+            if missing:
+                raise ValueError(f"stage {step.name}: run {cfg.run_id} has no committed {', '.join(missing)}; "
+                                 f"run the stage that writes it first")
+            log.info("stage %s: running", step.name)
             start = time.perf_counter()
-            info = run(cfg)
+            info = step.fn(cfg, run)
             info["seconds"] = round(time.perf_counter() - start, 2)
-            update_manifest(cfg.output_root, cfg.run_id, so, stages={name: info})
-            log.info("stage %s: done in %.1f s", name, info["seconds"])
-            summary.ran.append(name)
-            summary.stages[name] = info
-        metrics_uri = table_uri(cfg.output_root, cfg.run_id, "metrics", "evaluate")
-        if is_committed(metrics_uri, so):
-            summary.metrics = read_table(metrics_uri, so)
-            figure = join(summary.run_uri, "summary.png")
-            fs, path = url_to_fs(figure, so)
-            if not fs.exists(path):
-                metrics = read_table(table_uri(cfg.output_root, cfg.run_id, "metrics"), so)
-                fs.pipe_file(path, run_summary_png(metrics, f"run {cfg.run_id}"))
+            run.update_manifest(stages={step.name: info})
+            log.info("stage %s: done in %.1f s", step.name, info["seconds"])
+            summary.ran.append(step.name)
+            summary.stages[step.name] = info
+        if run.committed("metrics", "evaluate"):
+            summary.metrics = run.read("metrics", "evaluate")
+            figure = run.path(SUMMARY_FIGURE)
+            if not run.exists(figure):
+                run.write_bytes(figure, run_summary_png(run.read("metrics"), f"run {cfg.run_id}"))
             summary.figure = figure
-        report = join(summary.run_uri, REPORT_FILE)
-        summary.report = report if _exists(report, so) else None
-        if all(STAGES[s][1](cfg) for s in STAGES if s in cfg.stages):
-            set_latest(cfg.output_root, cfg.run_id, so)
+        report = run.path(REPORT_FILE)
+        summary.report = report if run.exists(report) else None
+        if all(s.done(cfg, run) for s in STAGES if s.name in cfg.stages):
+            run.set_latest()
             summary.latest = True
     return summary

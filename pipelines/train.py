@@ -21,6 +21,7 @@ from dml_ray.data.dataset import ImageTableDataset
 from dml_ray.data.samplers import RankAwarePKBatchSampler
 from dml_ray.data.transforms import train_transform
 from dml_ray.io.fs import join, pyarrow_fs
+from dml_ray.io.run import storage_options_of
 from dml_ray.io.tables import read_table, run_uri
 from dml_ray.models.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from dml_ray.models.embedding import build_model
@@ -64,7 +65,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
-    so = cfg.data.storage_options or None
+    so = storage_options_of(cfg)
 
     uris, labels, class_names = _train_split(loop_config["images_uri"], so)
     dataset = ImageTableDataset(uris, labels, train_transform(cfg.data.image_size, cfg.train.random_erasing), so)
@@ -128,7 +129,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def _initial_model(cfg: RunConfig) -> torch.nn.Module:
     if cfg.model.weights not in ("none", "imagenet"):
-        return load_checkpoint(cfg.model.weights, cfg.data.storage_options or None).model
+        return load_checkpoint(cfg.model.weights, storage_options_of(cfg)).model
     return build_model(cfg.model, cfg.data.image_size)
 
 
@@ -148,7 +149,7 @@ def _maybe_fail(loop_config: dict[str, Any], epoch: int, rank: int) -> None:
 def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) -> TrainResult:
     """Train with Ray Train and store the final model checkpoint in the run folder."""
     start = time.perf_counter()
-    so = cfg.data.storage_options or None
+    so = storage_options_of(cfg)
     storage = join(cfg.output_root, "_train", cfg.run_id)
     fs, path = pyarrow_fs(storage, so)
     fs.create_dir(path, recursive=True)

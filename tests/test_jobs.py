@@ -28,7 +28,7 @@ from dml_ray.io.tables import is_committed, latest_run, read_table, table_uri
 from jobs.entry import utc_date
 from jobs.nightly import check_nightly
 from jobs.nightly import main as nightly
-from pipelines.run import STAGES
+from pipelines.run import STAGE_NAMES as STAGES
 from tests.nightly_setup import write_nightly_setup
 from tests.processes import kill_processes_mentioning, pids_mentioning
 
