@@ -98,7 +98,7 @@ class Stage:
 def _stage_data(cfg: RunConfig, run: Run) -> dict:
     so = run.storage_options
     root = data_root(cfg)
-    if cfg.data.kind == "synthetic" and not run.exists(join(root, "images.txt")):
+    if cfg.data.kind == "synthetic" and not run.input_exists(join(root, "images.txt")):
         s = cfg.data.synthetic
         generate_synthetic(root, s.n_classes, s.images_per_class, s.image_size, s.seed, so)
     marker = run.commit("images", read_images(cfg.data.kind, root, so))

@@ -249,3 +249,20 @@ def test_explain_stage_stores_point_to_point_tensors_for_configured_pairs(demo_r
     assert [(r["image_id"], r["reference_id"]) for r in p2p] == pairs
     assert all(len(r["map"]) == (r["map_h"] * r["map_w"]) ** 2 and r["reference_kind"] == "pair" for r in p2p)
     assert maps.num_rows == len(test_ids) + len(pairs)
+
+
+def test_readme_python_example_runs_on_a_demo_run(demo_run, capsys):
+    """The README's "Use a run from Python" block, run as written against a finished run."""
+    import re
+    from pathlib import Path
+
+    cfg, summary = demo_run
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Use a run from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(code.replace('"demo_out"', repr(cfg.output_root)), scope)  # noqa: S102 - the README's own code
+    assert len(scope["emb"]) == summary.stages["embed"]["rows"]
+    assert set(scope["test"].column("split").to_pylist()) == {"test"}
+    assert scope["ds"].count() == len(scope["emb"])
+    assert "embeddings" in capsys.readouterr().out

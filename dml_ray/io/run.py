@@ -165,6 +165,11 @@ class Run:
         fs, path = url_to_fs(uri, self.storage_options)
         return fs.cat_file(path)
 
+    def input_exists(self, uri: str) -> bool:
+        """Whether an input the run reads exists, wherever it lives (see :meth:`read_input`)."""
+        fs, path = url_to_fs(uri, self.storage_options)
+        return fs.exists(path)
+
     # ---- manifest, lock, latest ----
     @property
     def manifest(self) -> dict:
