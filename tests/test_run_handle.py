@@ -34,12 +34,12 @@ def test_commit_read_and_replace(tmp_path):
 
 def test_parts_of_a_table_read_as_one(tmp_path):
     run = _run(tmp_path)
-    run.commit("metrics", pa.table({"stage": ["train"], "value": [1.0]}), part="train")
-    run.commit("metrics", pa.table({"stage": ["evaluate"], "value": [2.0]}), part="evaluate")
-    assert run.committed("metrics", "train") and not run.committed("metrics", "localize")
-    assert sorted(run.read("metrics").column("value").to_pylist()) == [1.0, 2.0]
-    assert run.read("metrics", "evaluate").column("stage").to_pylist() == ["evaluate"]
-    assert set(run.tables()) == {"metrics"}
+    run.commit("scores", pa.table({"stage": ["train"], "value": [1.0]}), part="train")
+    run.commit("scores", pa.table({"stage": ["evaluate"], "value": [2.0]}), part="evaluate")
+    assert run.committed("scores", "train") and not run.committed("scores", "localize")
+    assert sorted(run.read("scores").column("value").to_pylist()) == [1.0, 2.0]
+    assert run.read("scores", "evaluate").column("stage").to_pylist() == ["evaluate"]
+    assert set(run.tables()) == {"scores"}
 
 
 def test_staged_folder_is_invisible_until_committed(tmp_path):
@@ -118,3 +118,28 @@ def test_storage_options_moved_to_storage_section(caplog):
 
 def test_public_entry_point():
     assert dml_ray.open_run is open_run
+
+
+def test_commit_enforces_the_table_contract(tmp_path):
+    from dml_ray.io.schemas import ERRORS_SCHEMA, METRICS_SCHEMA
+
+    run = _run(tmp_path)
+    row = {"run_id": "r1", "stage": "evaluate", "split": "test", "metric": "recall", "k": 1, "value": 0.5}
+    with pytest.raises(ValueError, match=r"^table metrics: missing column 'value'"):
+        run.commit("metrics", pa.Table.from_pylist([row], schema=METRICS_SCHEMA).drop_columns(["value"]),
+                   part="evaluate")
+    with pytest.raises(ValueError, match=r"^table metrics: column 'k' is string, expected int32"):
+        run.commit("metrics", pa.Table.from_pylist([{**row, "k": "1"}], schema=METRICS_SCHEMA.set(
+            4, pa.field("k", pa.string()))), part="evaluate")
+    with pytest.raises(ValueError, match=r"not this run's 'r1'"):
+        run.commit("metrics", pa.Table.from_pylist([{**row, "run_id": "r0"}], schema=METRICS_SCHEMA), part="x")
+    assert not run.committed("metrics", "evaluate") and not run.tables()
+    run.commit("metrics", pa.Table.from_pylist([row], schema=METRICS_SCHEMA), part="evaluate")
+    # a staged folder is checked on its files' schema before it is committed
+    staging = run.staging("errors", "embed")
+    run.write_part(staging, pa.table({"run_id": ["r1"], "image_id": [1]}), 0)
+    with pytest.raises(ValueError, match=r"^table errors: column 'image_id' is int64, expected string"):
+        run.commit("errors", staging, part="embed")
+    run.commit("errors", pa.Table.from_pylist([], schema=ERRORS_SCHEMA), part="embed")
+    # user tables have no contract
+    run.commit("my_notes", pa.table({"anything": [1.5]}))

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dml_ray.io import tables
+from dml_ray.io import schemas, tables
 from dml_ray.io.fs import is_local, join, url_to_fs
 from dml_ray.io.lock import output_lock
 
@@ -117,14 +117,27 @@ class Run:
         """Commit an Arrow table, a Ray Dataset, or an already written staging folder (a URI from
         :meth:`staging`) as ``name`` (``part``). Raises TableExistsError if it is committed, unless ``replace``."""
         final = self.table_uri(name, part)
-        if isinstance(data, str):
-            return tables.commit_table(data, final, self.storage_options, replace=replace)
-        staging = self.staging(name, part)
         if isinstance(data, pa.Table):
-            return tables.write_table(data, final, staging, self.storage_options, replace=replace)
-        fs, path = self.pyarrow_fs(staging)
-        data.write_parquet(path, filesystem=fs)
+            self._check(name, data)
+            return tables.write_table(data, final, self.staging(name, part), self.storage_options, replace=replace)
+        staging = data if isinstance(data, str) else self.staging(name, part)
+        if not isinstance(data, str):
+            fs, path = self.pyarrow_fs(staging)
+            data.write_parquet(path, filesystem=fs)
+        files = sorted(p for p in self.fs.find(self.fs_path(staging)) if p.endswith(".parquet"))
+        if files:
+            with self.fs.open(files[0], "rb") as f:
+                schemas.check_contract(name, pq.read_schema(f))
         return tables.commit_table(staging, final, self.storage_options, replace=replace)
+
+    def _check(self, name: str, table: pa.Table) -> None:
+        """DESIGN.md's table contract: the table's columns and types, and every row carrying this run's id."""
+        schemas.check_contract(name, table.schema)
+        if "run_id" in table.column_names and table.num_rows:
+            ids = table.column("run_id").unique().to_pylist()
+            if ids != [self.run_id]:
+                raise ValueError(f"table {name}: rows carry run_id {sorted(map(str, ids))[:3]}, "
+                                 f"not this run's {self.run_id!r}")
 
     def write_part(self, staging: str, table: pa.Table, index: int) -> None:
         """Write one Parquet file of a staged table (sharded writers: one call per shard, then :meth:`commit`)."""

@@ -156,3 +156,31 @@ def validate_images(table: pa.Table) -> pa.Table:
     if ids.null_count or len(ids.unique()) != len(ids):
         raise ValueError("images table: image_id must be non-null and unique")
     return table
+
+
+# the columns each table must have, with their types (DESIGN.md "Tables"); tables whose vector widths depend on
+# the model (embeddings, feature_maps, prototypes) are checked on their key columns
+TABLE_CONTRACTS: dict[str, list[tuple[str, pa.DataType]]] = {
+    "images": list(zip(IMAGES_SCHEMA.names, IMAGES_SCHEMA.types)),
+    "metrics": list(zip(METRICS_SCHEMA.names, METRICS_SCHEMA.types)),
+    "errors": list(zip(ERRORS_SCHEMA.names, ERRORS_SCHEMA.types)),
+    "embedding_keys": list(zip(EMBEDDING_KEYS_SCHEMA.names, EMBEDDING_KEYS_SCHEMA.types)),
+    "activation_maps": list(zip(ACTIVATION_MAPS_SCHEMA.names, ACTIVATION_MAPS_SCHEMA.types)),
+    "localization": list(zip(LOCALIZATION_SCHEMA.names, LOCALIZATION_SCHEMA.types)),
+    "neighbors": list(zip(NEIGHBORS_SCHEMA.names, NEIGHBORS_SCHEMA.types)),
+    "embeddings": _IMAGE_MODEL_KEYS,
+    "mpn_embeddings": _IMAGE_MODEL_KEYS,
+    "feature_maps": _IMAGE_MODEL_KEYS,
+    "prototypes": [("run_id", pa.string()), ("label", pa.int64()), ("model_id", pa.string())],
+}
+
+
+def check_contract(name: str, schema: pa.Schema) -> None:
+    """Raise a one-line ValueError when a table about to be committed as ``name`` lacks a column of its
+    contract or has it with another type; tables without a contract (user tables) pass."""
+    for column, dtype in TABLE_CONTRACTS.get(name, []):
+        if column not in schema.names:
+            raise ValueError(f"table {name}: missing column {column!r} ({dtype})")
+        found = schema.field(column).type
+        if found != dtype:
+            raise ValueError(f"table {name}: column {column!r} is {found}, expected {dtype}")
