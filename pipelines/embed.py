@@ -24,6 +24,7 @@ from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes, rows_ok
 from dml_ray.data.content_hash import add_content_hash
 from dml_ray.io.fs import pyarrow_fs, url_to_fs
+from dml_ray.io.run import Run
 from dml_ray.io.schemas import EMBEDDING_KEYS_SCHEMA, ERRORS_SCHEMA
 from dml_ray.io.tables import commit_table, staging_uri, table_uri, write_table
 from dml_ray.models.checkpoint import load_checkpoint
@@ -119,7 +120,7 @@ def _staged_table(source: Optional[ray.data.Dataset], columns: list[str], plan: 
                else staging_uri(output_root, run_id, table))
     for source_run, ids in plan.sources.items():
         rows = keep.filter(pc.is_in(keep.column("image_id"), pa.array(ids, pa.string())))
-        copy_rows(output_root, source_run, table, rows, run_id, staging, storage_options)
+        copy_rows(Run(output_root, run_id, storage_options), source_run, table, rows, staging)
     return staging
 
 
@@ -140,11 +141,11 @@ def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: s
     so = storage_options
     images = images.filter(pc.is_in(images.column("split"), pa.array(cfg.splits)))
     tables = ["embeddings", *(["feature_maps"] if cfg.feature_maps else [])]
-    runs = source_runs(output_root, run_id, tables, so) if cfg.incremental else []
+    run = Run(output_root, run_id, so)
+    runs = source_runs(run, tables) if cfg.incremental else []
     plan = ReusePlan()
     if runs:
-        plan = plan_reuse(images, load_checkpoint(checkpoint_uri, so).model_id, output_root, run_id, runs, so,
-                          cfg.batch_size)
+        plan = plan_reuse(images, load_checkpoint(checkpoint_uri, so).model_id, run, runs, cfg.batch_size)
     todo = images.filter(pc.invert(pc.is_in(images.column("image_id"), pa.array(plan.image_ids(), pa.string()))))
     keep = images.select(["image_id", "label", "split"])
     raw = staging_uri(output_root, run_id, "embed-output")

@@ -17,9 +17,9 @@ import ray
 
 from dml_ray.data.batches import fetch_bytes
 from dml_ray.data.content_hash import add_content_hash
-from dml_ray.io.fs import join, pyarrow_fs
+from dml_ray.io.fs import join
+from dml_ray.io.run import Run
 from dml_ray.io.schemas import EMBEDDING_KEYS_SCHEMA
-from dml_ray.io.tables import committed_at, committed_files, is_committed, read_table, run_ids, table_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +53,24 @@ def hash_images(images: pa.Table, storage_options: Optional[dict], batch_size: i
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
-def source_runs(output_root: str, run_id: str, tables: list[str], storage_options: Optional[dict]) -> list[str]:
-    """Earlier runs with ``embedding_keys`` and every table of ``tables`` committed, newest first."""
-    runs = [r for r in run_ids(output_root, storage_options) if r != run_id and all(
-        is_committed(table_uri(output_root, r, t), storage_options) for t in (KEYS_TABLE, *tables))]
-    return sorted(runs, key=lambda r: committed_at(table_uri(output_root, r, KEYS_TABLE), storage_options),
-                  reverse=True)
+def source_runs(run: Run, tables: list[str]) -> list[Run]:
+    """The output root's other runs with ``embedding_keys`` and every table of ``tables`` committed, newest first."""
+    runs = [run.other(r) for r in run.runs() if r != run.run_id]
+    runs = [r for r in runs if all(r.committed(t) for t in (KEYS_TABLE, *tables))]
+    return sorted(runs, key=lambda r: r.committed_at(KEYS_TABLE), reverse=True)
 
 
-def plan_reuse(images: pa.Table, model_id: str, output_root: str, run_id: str, runs: list[str],
-               storage_options: Optional[dict], batch_size: int) -> ReusePlan:
+def plan_reuse(images: pa.Table, model_id: str, run: Run, runs: list[Run], batch_size: int) -> ReusePlan:
     """Find the images one of ``runs`` (searched in order, see ``source_runs``) embedded with ``model_id`` and
     the same bytes."""
-    hashes = hash_images(images, storage_options, batch_size)
+    hashes = hash_images(images, run.storage_options, batch_size)
     wanted = {i: h for i, h in zip(hashes.column("image_id").to_pylist(), hashes.column("content_hash").to_pylist())
               if h is not None}
     keys, sources = [], {}
-    for run in runs:
+    for source in runs:
         if not wanted:
             break
-        found = read_table(table_uri(output_root, run, KEYS_TABLE), storage_options,
-                           filters=[("model_id", "==", model_id)])
+        found = source.read(KEYS_TABLE, filter=[("model_id", "==", model_id)])
         hit = found.filter(pa.array([wanted.get(i) == h for i, h in zip(found.column("image_id").to_pylist(),
                                                                           found.column("content_hash").to_pylist())],
                                     pa.bool_()))
@@ -81,8 +78,8 @@ def plan_reuse(images: pa.Table, model_id: str, output_root: str, run_id: str, r
             ids = hit.column("image_id").to_pylist()
             for i in ids:
                 del wanted[i]
-            sources[run] = ids
-            keys.append(hit.set_column(0, "run_id", pa.array([run_id] * hit.num_rows, pa.string())))
+            sources[source.run_id] = ids
+            keys.append(hit.set_column(0, "run_id", pa.array([run.run_id] * hit.num_rows, pa.string())))
     plan = ReusePlan(pa.concat_tables(keys).cast(EMBEDDING_KEYS_SCHEMA), sources) if keys else ReusePlan()
     log.info("incremental: %d of %d images reused from %s", plan.keys.num_rows, images.num_rows,
              {r: len(i) for r, i in sources.items()} or "no earlier run")
@@ -102,12 +99,10 @@ def reassign_rows(batch: pa.Table, keep: pa.Table, run_id: str) -> pa.Table:
     return rows
 
 
-def copy_rows(output_root: str, source_run: str, table: str, keep: pa.Table, run_id: str, staging: str,
-              storage_options: Optional[dict]) -> None:
-    """Copy ``table``'s rows of the images in ``keep`` (image_id, label, split) from ``source_run`` to ``staging``."""
-    fs, _ = pyarrow_fs(output_root, storage_options)
-    files = committed_files(table_uri(output_root, source_run, table), storage_options)
-    _, dest = pyarrow_fs(join(staging, f"from-{source_run}"), storage_options)
-    ray.data.read_parquet(files, filesystem=fs).map_batches(
-        reassign_rows, fn_kwargs={"keep": keep, "run_id": run_id}, batch_format="pyarrow").write_parquet(
+def copy_rows(run: Run, source_run: str, table: str, keep: pa.Table, staging: str) -> None:
+    """Copy ``table``'s rows of the images in ``keep`` (image_id, label, split) from ``source_run`` of the same
+    output root into ``run``'s ``staging`` folder."""
+    fs, dest = run.pyarrow_fs(join(staging, f"from-{source_run}"))
+    run.other(source_run).dataset(table).map_batches(
+        reassign_rows, fn_kwargs={"keep": keep, "run_id": run.run_id}, batch_format="pyarrow").write_parquet(
         dest, filesystem=fs, min_rows_per_file=ROWS_PER_FILE)
