@@ -18,15 +18,12 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+from dml_ray.errors import LockHeld
 from dml_ray.io.fs import join, url_to_fs
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "_lock.json"
-
-
-class LockHeld(RuntimeError):
-    """Another run holds the output root's lock."""
 
 
 def lock_uri(output_root: str) -> str:

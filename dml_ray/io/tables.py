@@ -93,7 +93,9 @@ def commit_table(staging: str, final: str, storage_options: Optional[dict] = Non
     else:
         for old, new in zip(files, names):
             fs.copy(old, join(dst, new))
-    marker = {"files": names, "rows": rows, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    sizes = [fs.size(join(dst, n)) for n in names]
+    marker = {"files": names, "rows": rows, "sizes": sizes,
+              "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     with fs.open(join(dst, COMMIT_MARKER), "w") as f:
         json.dump(marker, f)
     if fs.exists(src):
@@ -126,9 +128,24 @@ def read_table(uri: str, storage_options: Optional[dict] = None, columns: Option
         raise ValueError(f"committed table {uri} has no files")
     tables = []
     for f in files:
-        with fs.open(f, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns, filters=filters))
+        try:
+            with fs.open(f, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns, filters=filters))
+        except pa.ArrowInvalid as err:
+            if _readable_footer(fs, f):
+                raise
+            raise ValueError(f"{f}: damaged file of the committed table {uri} ({' '.join(str(err).split())[:160]})") \
+                from None
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _readable_footer(fs, path: str) -> bool:
+    try:
+        with fs.open(path, "rb") as handle:
+            pq.read_metadata(handle)
+        return True
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def write_table(table: pa.Table, final: str, staging: str, storage_options: Optional[dict] = None,
