@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,8 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from dml_ray.config import RunConfig
+import dml_ray
+from dml_ray.config import RunConfig, resolve_local_paths
 from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join, url_to_fs
@@ -19,7 +21,8 @@ from dml_ray.io.tables import (
     is_committed,
     read_table,
     run_uri,
-    set_latest,
+    advance_latest,
+    clean_staging,
     staging_uri,
     table_uri,
     update_manifest,
@@ -33,6 +36,7 @@ from pipelines.explain import maps_gallery_png, run_explain
 from pipelines.knn import run_knn
 from pipelines.localize import run_localize
 from pipelines.mpn import run_mpn
+from pipelines.preflight import preflight
 from pipelines.ray_env import check_gpu_request, ensure_ray
 from pipelines.report import REPORT_FILE, write_report
 from pipelines.train import model_uri, run_train
@@ -55,7 +59,8 @@ class RunSummary:
 
 def _git_sha() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+                             cwd=os.path.dirname(os.path.abspath(dml_ray.__file__)))
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -221,11 +226,14 @@ STAGES: dict[str, tuple[Callable[[RunConfig], dict], Callable[[RunConfig], bool]
 def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
     """Run the configured stages (or just the stage ``only``) in order under the output root's lock; a stage
     whose output is committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
+    cfg = resolve_local_paths(cfg)
     so = cfg.data.storage_options or None
     if only is not None and only not in STAGES:
         raise ValueError(f"unknown stage '{only}'; expected one of: {', '.join(STAGES)}")
     summary = RunSummary(cfg.run_id, join(cfg.output_root, "runs", cfg.run_id))
+    preflight(cfg, [only] if only else cfg.stages)
     with output_lock(cfg.output_root, cfg.run_id, so):
+        clean_staging(cfg.output_root, so)
         config = cfg.model_dump(mode="json", exclude={"data": {"storage_options"}})
         update_manifest(cfg.output_root, cfg.run_id, so, config=config, versions=versions(), git_sha=_git_sha())
         ensure_ray()
@@ -235,7 +243,9 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
         for name in [only] if only else [s for s in STAGES if s in cfg.stages]:
             run, done = STAGES[name]
             if done(cfg):
-                log.info("stage %s: already committed, skipped", name)
+                nothing_to_do = name == "mpn" and not _committed("metrics", "mpn")(cfg)
+                log.info("stage %s: %s", name, "the model has no message passing network, nothing to refine"
+                         if nothing_to_do else "already committed, skipped")
                 summary.skipped.append(name)
                 continue
             log.info("stage %s: running", name)
@@ -258,6 +268,5 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
         report = join(summary.run_uri, REPORT_FILE)
         summary.report = report if _exists(report, so) else None
         if all(STAGES[s][1](cfg) for s in STAGES if s in cfg.stages):
-            set_latest(cfg.output_root, cfg.run_id, so)
-            summary.latest = True
+            summary.latest = advance_latest(cfg.output_root, cfg.run_id, bool(summary.ran), so)
     return summary

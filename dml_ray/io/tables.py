@@ -197,6 +197,51 @@ def set_latest(output_root: str, run_id: str, storage_options: Optional[dict] = 
     write_json(join(output_root, LATEST), {"run_id": run_id}, storage_options)
 
 
+def run_started_at(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> Optional[str]:
+    """When a run first committed a table (the earliest ``committed_at`` of its markers), or None."""
+    fs, path = url_to_fs(run_uri(output_root, run_id), storage_options)
+    markers = fs.glob(join(path, "*", COMMIT_MARKER)) + fs.glob(join(path, "*", "*", COMMIT_MARKER))
+    times = []
+    for marker in markers:
+        with fs.open(marker, "r") as f:
+            times.append(dt.datetime.fromisoformat(json.load(f)["committed_at"]))
+    return min(times).isoformat() if times else None
+
+
+def advance_latest(output_root: str, run_id: str, ran: bool, storage_options: Optional[dict] = None) -> bool:
+    """Point ``latest`` at ``run_id`` only forward: never when this run did nothing new (``ran`` false) and never
+    back to a run that started before the current latest one (runs ordered by their first commit, so re-running
+    an older night leaves ``latest`` alone). Returns whether it moved; an unmoved pointer is not rewritten."""
+    current = latest_run(output_root, storage_options)
+    if current == run_id:
+        return False
+    if current is not None:
+        if not ran:
+            log.info("latest stays at %s: run %s ran no stage", current, run_id)
+            return False
+        theirs = run_started_at(output_root, current, storage_options)
+        ours = run_started_at(output_root, run_id, storage_options)
+        if theirs is not None and ours is not None and ours < theirs:
+            log.info("latest stays at %s: run %s started before it", current, run_id)
+            return False
+    set_latest(output_root, run_id, storage_options)
+    return True
+
+
+def clean_staging(output_root: str, storage_options: Optional[dict] = None) -> int:
+    """Remove every ``_staging`` leftover of the output root (call it holding the root's lock: then no writer is
+    using them); returns how many staging folders were removed."""
+    fs, path = url_to_fs(join(output_root, "_staging"), storage_options)
+    if not fs.exists(path):
+        return 0
+    leftovers = fs.ls(path, detail=False)
+    if leftovers:
+        log.warning("removing %d staging leftovers of interrupted runs under %s", len(leftovers),
+                    join(output_root, "_staging"))
+        fs.rm(path, recursive=True)
+    return len(leftovers)
+
+
 def latest_run(output_root: str, storage_options: Optional[dict] = None) -> Optional[str]:
     """The run the ``latest`` pointer names, or None."""
     doc = read_json(join(output_root, LATEST), storage_options)
