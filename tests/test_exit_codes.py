@@ -141,3 +141,26 @@ def test_the_taxonomy():
         with open(path, "wb") as f:
             f.write(pickle.dumps({"format": 1, "x": torch.nn.Linear}))
         load_checkpoint(path)
+
+
+def test_memory_roots_are_refused_with_the_reason(tmp_path, capsys):
+    """memory:// lives in one process: Ray's workers never saw the driver's files (the issue's 'No match for
+    FieldRef.Name(image_id)'). It is off the default allowed schemes and refused with the reason even when allowed."""
+    config = _config(tmp_path)
+    assert cli_main(["run", "--config", config, "--set", "output_root=memory://out"]) == 2
+    assert _one_error_line(capsys) == ("dml-ray: error: config: Value error, output_root: scheme 'memory' is not in "
+                                       "storage.allowed_schemes ['file', 's3']")
+    assert cli_main(["run", "--config", config, "--set", "data.root=memory://data",
+                     "--set", "storage.allowed_schemes=[file, memory]"]) == 2
+    assert _one_error_line(capsys) == ("dml-ray: error: config: Value error, data.root: memory:// lives inside one "
+                                       "process and Ray's workers cannot see it; use a local path or s3://")
+
+
+def test_explain_checks_the_allowed_schemes(tmp_path, capsys):
+    out = tmp_path / "fig.png"
+    argv = ["explain", "--checkpoint", "http://127.0.0.1:9/model.pt", "--query", str(tmp_path / "a.jpg"),
+            "--reference", str(tmp_path / "b.jpg"), "--out", str(out)]
+    assert cli_main(argv) == 2
+    assert _one_error_line(capsys) == ("dml-ray: error: --checkpoint: scheme 'http' is not in "
+                                       "storage.allowed_schemes ['file', 's3']")
+    assert not out.exists()
