@@ -143,7 +143,8 @@ def _maybe_fail(loop_config: dict[str, Any], epoch: int, rank: int) -> None:
     spec = loop_config.get("fail_once")
     if not spec or spec["epoch"] != epoch or spec["rank"] != rank or os.path.exists(spec["marker"]):
         return
-    open(spec["marker"], "w").close()
+    with open(spec["marker"], "w") as f:  # where it happens: the multi-node tests remove this node
+        f.write(ray.get_runtime_context().get_node_id())
     time.sleep(spec.get("after_s", 3.0))
     os._exit(1)
 

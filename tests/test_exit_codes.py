@@ -86,7 +86,7 @@ def test_a_damaged_checkpoint_is_exit_2_not_retry(tmp_path, capsys, damage):
     assert "this ran" not in out
     line = out.strip().splitlines()[-1]
     want = "not a readable checkpoint" if damage == "truncated" else "refused: the checkpoint carries code"
-    assert line.startswith(f"nightly: bad config or input (exit 2) run_id=n1 ") and f"{ckpt}: {want}" in line, line
+    assert line.startswith("nightly: bad config or input (exit 2) run_id=n1 ") and f"{ckpt}: {want}" in line, line
     assert not (tmp_path / "out" / "runs").exists()  # refused at start-up, before any stage
 
 

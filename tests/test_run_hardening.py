@@ -65,8 +65,8 @@ def test_a_batch_wider_than_the_train_split_fails_at_start_up(ray_session, tmp_p
                                   "image_size": 32}, "train": {"classes_per_batch": 3, "num_workers": 2}}))
     assert stage_main("train", ["--config", str(config), "--run-id", "t"]) == 2
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("train: bad config or input (exit 2) run_id=t ") and "3 classes per batch x 2 worker(s) = 6" \
-        in line
+    assert line.startswith("train: bad config or input (exit 2) run_id=t ")
+    assert "3 classes per batch x 2 worker(s) = 6" in line
 
 
 def test_in_process_training_keeps_its_checkpoint(ray_session, tmp_path):
