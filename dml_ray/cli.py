@@ -5,12 +5,14 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from importlib import resources
 from typing import Any, Optional, get_args
 
 import yaml
 
-from dml_ray.config import ConfigError, Stage, load_config
+from dml_ray.config import ConfigError, Stage, StorageConfig, check_scheme, load_config, validate_run_id
+from dml_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NAMES, EXIT_RETRY, exit_code, one_line
 from dml_ray.io.run import storage_options_of
 
 log = logging.getLogger("dml_ray")
@@ -88,11 +90,11 @@ def _root_and_storage(args: argparse.Namespace) -> tuple[str, Optional[dict]]:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from dml_ray.io.query import connect
+    from dml_ray.io.query import connect, run_read_only
 
     root, storage_options = _root_and_storage(args)
     con, runs = connect(root, args.run, storage_options, all_runs=args.all_runs)
-    result = con.sql(args.sql)
+    result = run_read_only(con, args.sql)
     if result is None:
         return 0
     if args.format == "csv":
@@ -121,6 +123,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from dml_ray.models.checkpoint import load_checkpoint
     from dml_ray.report.overlays import pair_figure
 
+    allowed = StorageConfig().allowed_schemes
+    for field in ("checkpoint", "query", "reference"):
+        check_scheme(f"--{field}", getattr(args, field), allowed)
     loaded = load_checkpoint(args.checkpoint)
     size = loaded.image_size
     resize = int(loaded.extra.get("resize", size))
@@ -154,7 +159,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.compare import HEADER, write_comparison
 
-    uri, rows = write_comparison(args.root, args.runs)
+    uri, rows = write_comparison(args.root, [validate_run_id(run) for run in args.runs])
     widths = [max(len(h), 10) for h in HEADER]
     print("  ".join(h.rjust(w) for h, w in zip(HEADER, widths)))
     for row in rows:
@@ -234,9 +239,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"dml-ray: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("dml-ray: interrupted (exit 130): committed tables are kept; the same command resumes",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - every failure is an exit code and one line (dml_ray/errors.py)
+        code = exit_code(err)
+        if args.verbose:
+            traceback.print_exc()
+        line = one_line(err)
+        if code == EXIT_BAD_INPUT:
+            print(f"dml-ray: error: {line}", file=sys.stderr)
+        else:
+            hint = " (--verbose shows the traceback)" if code == EXIT_RETRY and not args.verbose else ""
+            print(f"dml-ray: {EXIT_NAMES[code]} (exit {code}): {line}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -230,14 +232,57 @@ class StorageConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict, repr=False,
                                     description="fsspec storage options of every URI the run reads or writes "
                                                 "(credentials, endpoint_url); never logged or written to a manifest")
-    allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3", "memory"], min_length=1,
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3"], min_length=1,
                                        description="URI schemes a run may read or write (fsspec protocols)")
+
+
+# schemes whose files live inside one process: Ray's workers (other processes) cannot see them
+PROCESS_LOCAL_SCHEMES = ("memory",)
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_run_id(run_id: str) -> str:
+    """A run id is a name, never a path: letters, digits, '.', '_' and '-', starting with a letter or digit,
+    at most 128 characters. Returns it unchanged; raises ValueError naming it otherwise."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r} is not a name: use letters, digits, '.', '_' and '-', starting with a "
+                         "letter or digit (at most 128 characters)")
+    return run_id
 
 
 def uri_scheme(uri: str) -> str:
     """The fsspec protocol of ``uri`` ('file' for plain paths); chained URIs give their outermost protocol."""
     protocol = fsspec.core.split_protocol(uri)[0]
     return "file" if protocol in (None, "local") else protocol
+
+
+def check_scheme(field: str, uri: str, allowed: list[str]) -> None:
+    """Raise ValueError naming ``field`` when ``uri``'s scheme is not in ``allowed``."""
+    if uri and uri_scheme(uri) not in allowed:
+        raise ValueError(f"{field}: scheme '{uri_scheme(uri)}' is not in storage.allowed_schemes {allowed}")
+
+
+def absolute_local_uri(uri: str) -> str:
+    """``uri`` with a relative local path made absolute against this process's working directory; other URIs
+    (``s3://...``, ``file:///abs``) unchanged."""
+    protocol, path = fsspec.core.split_protocol(uri)
+    if protocol in (None, "file", "local") and path and not os.path.isabs(path):
+        return os.path.abspath(path)
+    return uri
+
+
+def resolve_local_paths(cfg: "RunConfig") -> "RunConfig":
+    """A copy of ``cfg`` whose local paths (output_root, data.root, model.weights) are absolute: resolved once, in
+    the driver, before anything is sent to Ray (Ray Train workers run in their own working directory)."""
+    weights = cfg.model.weights
+    if weights not in ("none", "imagenet"):
+        weights = absolute_local_uri(weights)
+    return cfg.model_copy(update={
+        "output_root": absolute_local_uri(cfg.output_root),
+        "data": cfg.data.model_copy(update={"root": absolute_local_uri(cfg.data.root) if cfg.data.root else ""}),
+        "model": cfg.model.model_copy(update={"weights": weights}),
+    })
 
 
 class RunConfig(Strict):
@@ -255,6 +300,11 @@ class RunConfig(Strict):
     explain: ExplainConfig = ExplainConfig()
     localize: LocalizeConfig = LocalizeConfig()
     storage: StorageConfig = StorageConfig()
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_name(cls, run_id: str) -> str:
+        return validate_run_id(run_id)
 
     @model_validator(mode="after")
     def _storage_options_moved(self) -> "RunConfig":
@@ -294,9 +344,10 @@ class RunConfig(Strict):
         if self.model.weights not in ("none", "imagenet"):
             uris["model.weights"] = self.model.weights
         for field, uri in uris.items():
-            if uri and uri_scheme(uri) not in self.storage.allowed_schemes:
-                raise ValueError(f"{field}: scheme '{uri_scheme(uri)}' is not in storage.allowed_schemes "
-                                 f"{self.storage.allowed_schemes}")
+            check_scheme(field, uri, self.storage.allowed_schemes)
+            if uri and uri_scheme(uri) in PROCESS_LOCAL_SCHEMES:
+                raise ValueError(f"{field}: {uri_scheme(uri)}:// lives inside one process and Ray's workers cannot "
+                                 "see it; use a local path or s3://")
         return self
 
     @model_validator(mode="after")
@@ -340,7 +391,10 @@ def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) ->
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(f"--set {key}: {section} is a value ({node!r}), not a section")
         node[leaf] = value
     return parse_config(data)

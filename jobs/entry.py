@@ -2,13 +2,14 @@
 
 They run unchanged locally and under ``ray job submit --working-dir . -- python -m jobs.<name> --config FILE``
 (inside a Ray job, RAY_ADDRESS names the cluster). Progress is logged; the last line printed is a
-one-line summary. Exit codes, for schedulers:
+one-line summary. Exit codes, for schedulers (the taxonomy the CLI shares, dml_ray/errors.py):
 
-    0  success
-    1  unexpected failure (a crash, a lost node, ...): worth a retry
-    2  bad configuration or input: fix it first, a retry fails the same way
-    3  the output root is locked by another run: retry later (a stale lock: ``dml-ray unlock``)
-    4  error budget exceeded: too many unreadable images; nothing was committed
+    0    success
+    1    unexpected failure (a crash, a lost node, ...): worth a retry
+    2    bad configuration or input: fix it first, a retry fails the same way
+    3    the output root is locked by another run: retry later (a stale lock: ``dml-ray unlock``)
+    4    error budget exceeded: too many unreadable images; nothing was committed
+    130  interrupted (Ctrl-C): committed stages are kept; the same command resumes
 """
 from __future__ import annotations
 
@@ -21,14 +22,10 @@ from typing import Callable, Optional
 
 import dml_ray
 from dml_ray.cli import parse_sets
-from dml_ray.config import ConfigError, RunConfig, load_config
-from dml_ray.io.lock import LockHeld
+from dml_ray.config import RunConfig, load_config
+from dml_ray.errors import EXIT_NAMES, EXIT_OK, EXIT_RETRY, exit_code, one_line
 
 log = logging.getLogger("jobs")
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_ERROR_BUDGET = 0, 1, 2, 3, 4
-_EXIT_NAMES = {EXIT_FAILED: "failed", EXIT_BAD_INPUT: "bad config or input", EXIT_LOCKED: "locked",
-               EXIT_ERROR_BUDGET: "error budget exceeded"}
 
 
 def utc_date() -> str:
@@ -72,7 +69,6 @@ def _summary_line(name: str, cfg: RunConfig, summary, seconds: float) -> str:
 def job_main(name: str, description: str, only: Optional[str] = None,
              check: Optional[Callable[[RunConfig], None]] = None, argv: Optional[list[str]] = None) -> int:
     """Parse the job's arguments, run the stages (``only`` one, or all the config lists), print the summary line."""
-    from pipelines.embed import ErrorBudgetExceeded
     from pipelines.run import run_pipeline
 
     args = _parser(name, description).parse_args(argv)
@@ -88,18 +84,17 @@ def job_main(name: str, description: str, only: Optional[str] = None,
         log.info("job %s: run %s, output root %s, code from %s, Ray at %s", name, cfg.run_id, cfg.output_root,
                  os.path.dirname(dml_ray.__file__), os.environ.get("RAY_ADDRESS", "a private local instance"))
         summary = run_pipeline(cfg, only=only)
-    except Exception as err:  # noqa: BLE001 - every failure becomes an exit code and a summary line
-        if isinstance(err, LockHeld):
-            code = EXIT_LOCKED
-        elif isinstance(err, ErrorBudgetExceeded):
-            code = EXIT_ERROR_BUDGET
-        elif isinstance(err, (ConfigError, FileNotFoundError, ValueError)):
-            code = EXIT_BAD_INPUT
-        else:
-            code = EXIT_FAILED
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure: an exit code and a summary line
+        code = exit_code(err)
+        if args.verbose:
             log.exception("job %s failed", name)
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{name}: {_EXIT_NAMES[code]} (exit {code}) run_id={run_id} "
+        if isinstance(err, KeyboardInterrupt):
+            message = "committed stages are kept; the same command resumes"
+        else:
+            message = one_line(err)
+            if code == EXIT_RETRY and not args.verbose:
+                message += " (-v shows the traceback)"
+        print(f"{name}: {EXIT_NAMES[code]} (exit {code}) run_id={run_id} "
               f"seconds={time.perf_counter() - start:.1f}: {message}", flush=True)
         return code
     print(_summary_line(name, cfg, summary, time.perf_counter() - start), flush=True)

@@ -23,6 +23,7 @@ import ray
 from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes, rows_ok
 from dml_ray.data.content_hash import add_content_hash
+from dml_ray.errors import ErrorBudgetExceeded
 from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.run import Run
 from dml_ray.io.schemas import EMBEDDING_KEYS_SCHEMA, ERRORS_SCHEMA
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 
 READ_CPUS = 0.5
 ROWS_PER_FILE = 100_000
-
-
-class ErrorBudgetExceeded(RuntimeError):
-    """More inputs failed than the configured error budget allows; nothing was committed."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from typing import Optional
 
 import ray
@@ -24,11 +25,39 @@ def ensure_ray(num_cpus: Optional[int] = None, address: Optional[str] = None) ->
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus,
                                                      "dashboard_host": "127.0.0.1"}
+    if not address:
+        token_for_unwritable_home(os.environ)
     log.info("starting Ray (%s)", address or "local")
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
     _started_here = not address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.isatty(2)
+
+
+def token_for_unwritable_home(environ: dict) -> bool:
+    """Give a private local Ray instance an auth token in ``environ`` when Ray could not store one in ``$HOME``.
+
+    Ray 2.60 enables token auth and writes ``~/.ray/auth_token`` on ``ray.init()``; with an unwritable (or
+    missing) home that is a traceback. A random token in RAY_AUTH_TOKEN, seen by this process and the Ray
+    processes it starts, needs no file. Returns whether it set one.
+    """
+    if environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH"):
+        return False
+    folder = os.path.join(os.path.expanduser("~"), ".ray")
+    if os.path.isfile(os.path.join(folder, "auth_token")):
+        return False
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+        return False
+    except OSError as err:
+        log.warning("%s is not writable (%s): the private Ray instance gets an auth token for this process only",
+                    folder, err.strerror or err)
+    environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    return True
 
 
 def check_gpu_request(requests: dict[str, bool]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,8 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from dml_ray.config import RunConfig
+import dml_ray
+from dml_ray.config import RunConfig, resolve_local_paths
 from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join
@@ -23,6 +25,7 @@ from pipelines.explain import GALLERY_FILE, maps_gallery_png, run_explain
 from pipelines.knn import run_knn
 from pipelines.localize import run_localize
 from pipelines.mpn import run_mpn
+from pipelines.preflight import preflight
 from pipelines.ray_env import check_gpu_request, ensure_ray
 from pipelines.report import REPORT_FILE, write_report
 from pipelines.train import model_uri, run_train
@@ -47,7 +50,8 @@ class RunSummary:
 
 def _git_sha() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+                             cwd=os.path.dirname(os.path.abspath(dml_ray.__file__)))
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -84,6 +88,7 @@ class Stage:
     writes: tuple[Output, ...] = ()
     files: tuple[str, ...] = ()
     applies: Optional[Callable[[RunConfig, Run], bool]] = None
+    not_applicable: str = "nothing to do for this run"
 
     def done(self, cfg: RunConfig, run: Run) -> bool:
         if self.applies is not None and not self.applies(cfg, run):
@@ -208,7 +213,8 @@ STAGES: list[Stage] = [
     Stage("evaluate", _stage_evaluate, reads=("embeddings",), writes=(Output("metrics", "evaluate"),)),
     Stage("knn", _stage_knn, reads=("embeddings",), writes=(Output("neighbors"),)),
     Stage("mpn", _stage_mpn, reads=("embeddings", "neighbors"),
-          writes=(Output("mpn_embeddings"), Output("metrics", "mpn")), applies=_has_mpn),
+          writes=(Output("mpn_embeddings"), Output("metrics", "mpn")), applies=_has_mpn,
+          not_applicable="the model has no message passing network, nothing to refine"),
     Stage("explain", _stage_explain, reads=("images", "embeddings", "feature_maps"),
           writes=(Output("prototypes", when=lambda c: c.model.kind != "deml"), Output("activation_maps"))),
     Stage("localize", _stage_localize, reads=("images", "activation_maps"),
@@ -229,10 +235,13 @@ def stage(name: str) -> Stage:
 def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
     """Run the configured stages (or just the stage ``only``) in order under the output root's lock; a stage
     whose outputs are committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
+    cfg = resolve_local_paths(cfg)
     chosen = [stage(only)] if only is not None else [s for s in STAGES if s.name in cfg.stages]
     run = open_run(cfg.output_root, cfg.run_id, cfg.storage, create=True)
     summary = RunSummary(cfg.run_id, run.uri)
+    preflight(cfg, run, [s.name for s in chosen])
     with run.lock():
+        run.clean_staging()
         config = cfg.model_dump(mode="json", exclude={"storage": {"options"}})
         run.update_manifest(config=config, versions=versions(), git_sha=_git_sha())
         ensure_ray()
@@ -240,7 +249,8 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
                            if s.name in ("train", "embed", "explain")})
         for step in chosen:
             if step.done(cfg, run):
-                log.info("stage %s: already committed, skipped", step.name)
+                idle = step.applies is not None and not step.applies(cfg, run)
+                log.info("stage %s: %s", step.name, step.not_applicable if idle else "already committed, skipped")
                 summary.skipped.append(step.name)
                 continue
             missing = step.missing_inputs(run)
@@ -264,6 +274,5 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
         report = run.path(REPORT_FILE)
         summary.report = report if run.exists(report) else None
         if all(s.done(cfg, run) for s in STAGES if s.name in cfg.stages):
-            run.set_latest()
-            summary.latest = True
+            summary.latest = run.advance_latest(ran=bool(summary.ran))
     return summary

@@ -1,9 +1,11 @@
 """Training on Ray Train: DDP workers, rank-aware P x K batches, a checkpoint every epoch, resume on failure."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
-from dml_ray.config import RunConfig, parse_config
+from dml_ray.config import ConfigError, RunConfig, TrainConfig, parse_config
 from dml_ray.data.dataset import ImageTableDataset
 from dml_ray.data.samplers import RankAwarePKBatchSampler
 from dml_ray.data.transforms import train_transform
@@ -106,7 +108,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         record = {**stats, "epoch": epoch, "attempt": attempt,
                   "images_per_s": images * world / max(stats["seconds"], 1e-9)}
         history.append(record)
-        with tempfile.TemporaryDirectory() as folder:
+        keep = loop_config.get("checkpoint_root")  # in-process: Ray keeps the folder's path, not a copy
+        with contextlib.nullcontext(tempfile.mkdtemp(dir=keep)) if keep else tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
                 state = {"model": model.state_dict(), "objective": objective.state_dict(),
@@ -141,9 +144,28 @@ def _maybe_fail(loop_config: dict[str, Any], epoch: int, rank: int) -> None:
     spec = loop_config.get("fail_once")
     if not spec or spec["epoch"] != epoch or spec["rank"] != rank or os.path.exists(spec["marker"]):
         return
-    open(spec["marker"], "w").close()
+    with open(spec["marker"], "w") as f:  # where it happens: the multi-node tests remove this node
+        f.write(ray.get_runtime_context().get_node_id())
     time.sleep(spec.get("after_s", 3.0))
     os._exit(1)
+
+
+def train_class_count(images_uri: str, storage_options: dict | None) -> int:
+    """Distinct classes of the committed images table's train split."""
+    split = read_table(images_uri, storage_options, columns=["label", "split"])
+    return len(set(split.filter(pc.equal(split.column("split"), "train")).column("label").to_pylist()))
+
+
+def check_batch_fits(n_classes: int, train: TrainConfig) -> None:
+    """Raise ConfigError (one line, exit 2) when a P x K batch asks for more distinct classes per step (P x workers,
+    see RankAwarePKBatchSampler) than the training split's ``n_classes``: checked in the driver at start-up, not
+    minutes later inside the Ray Train workers."""
+    workers = max(train.num_workers, 1)
+    needed = train.classes_per_batch * workers
+    if n_classes < needed:
+        raise ConfigError(f"train.classes_per_batch: {train.classes_per_batch} classes per batch x {workers} "
+                          f"worker(s) = {needed} distinct classes per step, but the train split has {n_classes}; "
+                          "lower train.classes_per_batch or train.num_workers")
 
 
 def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) -> TrainResult:
@@ -153,9 +175,14 @@ def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) ->
     storage = join(cfg.output_root, "_train", cfg.run_id)
     fs, path = pyarrow_fs(storage, so)
     fs.create_dir(path, recursive=True)
+    check_batch_fits(train_class_count(images_uri, so), cfg.train)
+    # with num_workers 0 the loop runs in this process and Ray Train does not copy its checkpoints to
+    # storage_path: they must outlive the loop's temporary folders until the model is read back below
+    in_process = tempfile.mkdtemp(prefix="dml_ray_train_") if cfg.train.num_workers == 0 else None
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "images_uri": images_uri, "fail_once": fail_once},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "images_uri": images_uri, "fail_once": fail_once,
+                           "checkpoint_root": in_process},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RayRunConfig(
@@ -163,13 +190,17 @@ def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) ->
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, MODEL_FILE), "rb") as f:
-            data = f.read()
-        history = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)["history"]
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+                data = f.read()
+            history = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)["history"]
+    finally:
+        if in_process:
+            shutil.rmtree(in_process, ignore_errors=True)
     uri = model_uri(cfg.output_root, cfg.run_id)
     save_checkpoint(uri, data, so)
     return TrainResult(uri, history, time.perf_counter() - start)

@@ -12,9 +12,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One Ray instance (2 CPUs) shared by every test that needs Ray."""
+def start_session_ray():
+    """Start (or restart, after a test that ran its own cluster) the suite's local Ray instance."""
     import ray
 
     from pipelines.ray_env import ensure_ray
@@ -23,6 +22,13 @@ def ray_session():
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = 120
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray instance (2 CPUs) shared by every test that needs Ray."""
+    ray = start_session_ray()
     yield ray
     ray.shutdown()
 

@@ -156,8 +156,10 @@ def _image_size(fs: AbstractFileSystem, path: str) -> tuple[Optional[int], Optio
             return image.size
     except FileNotFoundError:
         logger.warning("missing image %s", to_uri(fs, path))
-    except (UnidentifiedImageError, OSError) as err:
-        logger.warning("%s: unreadable image header (%s)", to_uri(fs, path), err)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as err:
+        # a decompression bomb (over twice Pillow's MAX_IMAGE_PIXELS) is refused like any unreadable image: the
+        # embed stage lists it in `errors` when it fails to decode it
+        logger.warning("%s: unreadable image header (%s: %s)", to_uri(fs, path), type(err).__name__, err)
     return None, None
 
 

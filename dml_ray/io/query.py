@@ -1,56 +1,121 @@
-"""DuckDB over committed tables: one view per table, named after it, over the files its markers list.
+"""DuckDB over committed tables, read-only and confined to them: one view per table, named after it.
 
 Every view has a ``run_id`` column. By default the views show one run (the ``latest`` pointer's);
 with ``all_runs`` they show every run of the output root, one UNION ALL BY NAME of the runs.
+
+The sandbox (DuckDB 2.0; its "Securing DuckDB" page): the committed files a marker lists are
+checked (dml_ray/io/integrity.py) and handed to DuckDB as Arrow datasets, so DuckDB itself never
+opens a path; the views are created first, then ``enable_external_access=false`` (no file or
+network access of DuckDB's own: no COPY TO, ATTACH of a file, read_csv / read_text / glob of
+any path, INSTALL), ``autoinstall_known_extensions=false``, ``autoload_known_extensions=false``,
+``python_enable_replacements=false`` (no scans of the caller's Python variables) and
+``lock_configuration=true`` (no SET can undo them). We do not use ``allowed_paths``: DuckDB lets
+``COPY ... TO`` write to an allowed path. ``run_read_only`` also refuses every statement but a
+query (SELECT / WITH / FROM / VALUES / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN), so nothing changes
+even in the connection's own in-memory catalog. The same holds for S3 roots: s3fs reads the
+files for Arrow, DuckDB needs no external access (and no httpfs extension) for them.
+
+A table whose files do not match its marker gets a view that fails with one line naming the
+file; the other tables stay queryable.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
 
-from dml_ray.io.fs import is_local, url_to_fs
-from dml_ray.io.tables import committed_files, committed_tables, latest_run, run_ids
+from dml_ray.errors import BadInput
+from dml_ray.io.integrity import DamagedTable, checked_files
+from dml_ray.io.run import Run, list_runs, open_run, runs_of
+
+log = logging.getLogger(__name__)
+
+# the settings that close the connection, in this order, once the views exist
+SANDBOX_SETTINGS = (
+    ("python_enable_replacements", "false"),
+    ("enable_external_access", "false"),
+    ("autoinstall_known_extensions", "false"),
+    ("autoload_known_extensions", "false"),
+    ("lock_configuration", "true"),
+)
+
+READ_ONLY_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+
+class QueryRefused(BadInput):
+    """A statement the read-only query engine does not run."""
 
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _run_select(con: duckdb.DuckDBPyConnection, files: list[str], run_id: str) -> str:
-    """SELECT over one run's files of a table, adding ``run_id`` where the table does not carry it (images)."""
-    source = f"read_parquet([{', '.join(_quote(f) for f in files)}], union_by_name = true)"
-    has_run_id = "run_id" in con.sql(f"SELECT * FROM {source} LIMIT 0").columns
-    return f"SELECT * FROM {source}" if has_run_id else f"SELECT {_quote(run_id)} AS run_id, * FROM {source}"
+def _ident(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _run_dataset(run: Run, name: str) -> pads.Dataset:
+    """The checked files of one run's table as one Arrow dataset (schemas of the parts unified)."""
+    files = checked_files(run.table_uri(name), run.storage_options)
+    fs, _ = run.pyarrow_fs(run.output_root)
+    schema = pa.unify_schemas([f.schema for f in files], promote_options="permissive")
+    return pads.dataset([f.path for f in files], schema=schema, format="parquet", filesystem=fs)
 
 
 def connect(output_root: str, run_id: Optional[str] = None, storage_options: Optional[dict] = None,
             all_runs: bool = False) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
-    """A DuckDB connection with a view per committed table of ``run_id`` (default: the latest run), or of every
-    run with ``all_runs``; returns the connection and the runs the views cover."""
+    """A sandboxed DuckDB connection with a view per committed table of ``run_id`` (default: the latest run), or
+    of every run with ``all_runs``; returns the connection and the runs the views cover. Run queries on it with
+    ``run_read_only``."""
     if all_runs:
-        runs = run_ids(output_root, storage_options)
+        runs = runs_of(output_root, list_runs(output_root, storage_options), storage_options)
         if not runs:
             raise FileNotFoundError(f"{output_root}: no runs with committed tables")
     else:
-        run_id = run_id or latest_run(output_root, storage_options)
-        if run_id is None:
-            raise FileNotFoundError(f"{output_root}: no runs yet (no 'latest' pointer); pass a run id")
-        runs = [run_id]
-    tables: dict[str, dict[str, str]] = {}
+        runs = [open_run(output_root, run_id, storage_options)]
+    return connect_runs(runs)
+
+
+def connect_runs(runs: list[Run]) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """The sandboxed connection over the committed tables of ``runs`` (handles of one output root)."""
+    tables: dict[str, list[Run]] = {}
     for run in runs:
-        for name, uri in committed_tables(output_root, run, storage_options).items():
-            tables.setdefault(name, {})[run] = uri
+        for name in run.tables():
+            tables.setdefault(name, []).append(run)
     if not tables:
-        raise FileNotFoundError(f"{output_root}: run {run_id!r} has no committed tables")
+        raise FileNotFoundError(f"{runs[0].output_root}: run {runs[0].run_id!r} has no committed tables")
     con = duckdb.connect()
-    fs, _ = url_to_fs(output_root, storage_options)
-    prefix = ""
-    if not is_local(fs):
-        con.register_filesystem(fs)
-        prefix = f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
-    for name, by_run in sorted(tables.items()):
-        selects = [_run_select(con, [prefix + f for f in committed_files(uri, storage_options)], run)
-                   for run, uri in sorted(by_run.items())]
-        con.execute(f'CREATE VIEW "{name}" AS ' + " UNION ALL BY NAME ".join(selects))
-    return con, runs
+    for index, (name, by_run) in enumerate(sorted(tables.items())):
+        try:
+            selects = []
+            for number, run in enumerate(sorted(by_run, key=lambda r: r.run_id)):
+                dataset = _run_dataset(run, name)
+                source = f"_{name}_{index}_{number}"
+                con.register(source, dataset)
+                has_run_id = "run_id" in dataset.schema.names
+                selects.append(f"SELECT * FROM {_ident(source)}" if has_run_id
+                               else f"SELECT {_quote(run.run_id)} AS run_id, * FROM {_ident(source)}")
+            con.execute(f"CREATE VIEW {_ident(name)} AS " + " UNION ALL BY NAME ".join(selects))
+        except DamagedTable as err:
+            log.debug("table %s is damaged: %s", name, err)
+            message = f"table {name} is damaged: {err}"
+            con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM (SELECT NULL AS run_id) "
+                        f"WHERE error({_quote(message)}) IS NULL")
+    for setting, value in SANDBOX_SETTINGS:
+        con.execute(f"SET {setting} = {value}")
+    return con, [r.run_id for r in runs]
+
+
+def run_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> Optional[duckdb.DuckDBPyRelation]:
+    """Run one query on a ``connect`` connection; QueryRefused (one line) for anything but a single query."""
+    statements = con.extract_statements(sql)
+    if len(statements) != 1:
+        raise QueryRefused(f"query refused: {len(statements)} statements; the query engine runs exactly one query")
+    kind = statements[0].type
+    if kind not in READ_ONLY_STATEMENTS:
+        raise QueryRefused(f"query refused: {kind.name} statements are not allowed; the query engine is read-only "
+                           "(SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN)")
+    return con.sql(sql)

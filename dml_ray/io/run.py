@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dml_ray.config import validate_run_id
 from dml_ray.io import schemas, tables
 from dml_ray.io.fs import is_local, join, url_to_fs
 from dml_ray.io.lock import output_lock
@@ -40,6 +41,7 @@ class Run:
     storage_options: Optional[dict] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
         self.storage_options = dict(self.storage_options) if self.storage_options else None
         self._fs: Optional[fsspec.AbstractFileSystem] = None
 
@@ -198,8 +200,16 @@ class Run:
         return output_lock(self.output_root, self.run_id, self.storage_options)
 
     def set_latest(self) -> None:
-        """Point the output root's ``latest`` at this run (done last in a run)."""
+        """Point the output root's ``latest`` at this run unconditionally (see :meth:`advance_latest`)."""
         tables.set_latest(self.output_root, self.run_id, self.storage_options)
+
+    def advance_latest(self, ran: bool) -> bool:
+        """Move ``latest`` to this run only forward (io/tables.py ``advance_latest``); whether it moved."""
+        return tables.advance_latest(self.output_root, self.run_id, ran, self.storage_options)
+
+    def clean_staging(self) -> int:
+        """Remove the output root's staging leftovers (hold :meth:`lock`); how many folders went."""
+        return tables.clean_staging(self.output_root, self.storage_options)
 
     def other(self, run_id: str) -> "Run":
         """Another run of the same output root, sharing this handle's file system."""

@@ -93,7 +93,9 @@ def commit_table(staging: str, final: str, storage_options: Optional[dict] = Non
     else:
         for old, new in zip(files, names):
             fs.copy(old, join(dst, new))
-    marker = {"files": names, "rows": rows, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    sizes = [fs.size(join(dst, n)) for n in names]
+    marker = {"files": names, "rows": rows, "sizes": sizes,
+              "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     with fs.open(join(dst, COMMIT_MARKER), "w") as f:
         json.dump(marker, f)
     if fs.exists(src):
@@ -126,9 +128,24 @@ def read_table(uri: str, storage_options: Optional[dict] = None, columns: Option
         raise ValueError(f"committed table {uri} has no files")
     tables = []
     for f in files:
-        with fs.open(f, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns, filters=filters))
+        try:
+            with fs.open(f, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns, filters=filters))
+        except pa.ArrowInvalid as err:
+            if _readable_footer(fs, f):
+                raise
+            raise ValueError(f"{f}: damaged file of the committed table {uri} ({' '.join(str(err).split())[:160]})") \
+                from None
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _readable_footer(fs, path: str) -> bool:
+    try:
+        with fs.open(path, "rb") as handle:
+            pq.read_metadata(handle)
+        return True
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def write_table(table: pa.Table, final: str, staging: str, storage_options: Optional[dict] = None,
@@ -178,6 +195,51 @@ def update_manifest(output_root: str, run_id: str, storage_options: Optional[dic
 def set_latest(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> None:
     """Point ``<output_root>/latest`` at ``run_id`` (done last in a run)."""
     write_json(join(output_root, LATEST), {"run_id": run_id}, storage_options)
+
+
+def run_started_at(output_root: str, run_id: str, storage_options: Optional[dict] = None) -> Optional[str]:
+    """When a run first committed a table (the earliest ``committed_at`` of its markers), or None."""
+    fs, path = url_to_fs(run_uri(output_root, run_id), storage_options)
+    markers = fs.glob(join(path, "*", COMMIT_MARKER)) + fs.glob(join(path, "*", "*", COMMIT_MARKER))
+    times = []
+    for marker in markers:
+        with fs.open(marker, "r") as f:
+            times.append(dt.datetime.fromisoformat(json.load(f)["committed_at"]))
+    return min(times).isoformat() if times else None
+
+
+def advance_latest(output_root: str, run_id: str, ran: bool, storage_options: Optional[dict] = None) -> bool:
+    """Point ``latest`` at ``run_id`` only forward: never when this run did nothing new (``ran`` false) and never
+    back to a run that started before the current latest one (runs ordered by their first commit, so re-running
+    an older night leaves ``latest`` alone). Returns whether it moved; an unmoved pointer is not rewritten."""
+    current = latest_run(output_root, storage_options)
+    if current == run_id:
+        return False
+    if current is not None:
+        if not ran:
+            log.info("latest stays at %s: run %s ran no stage", current, run_id)
+            return False
+        theirs = run_started_at(output_root, current, storage_options)
+        ours = run_started_at(output_root, run_id, storage_options)
+        if theirs is not None and ours is not None and ours < theirs:
+            log.info("latest stays at %s: run %s started before it", current, run_id)
+            return False
+    set_latest(output_root, run_id, storage_options)
+    return True
+
+
+def clean_staging(output_root: str, storage_options: Optional[dict] = None) -> int:
+    """Remove every ``_staging`` leftover of the output root (call it holding the root's lock: then no writer is
+    using them); returns how many staging folders were removed."""
+    fs, path = url_to_fs(join(output_root, "_staging"), storage_options)
+    if not fs.exists(path):
+        return 0
+    leftovers = fs.ls(path, detail=False)
+    if leftovers:
+        log.warning("removing %d staging leftovers of interrupted runs under %s", len(leftovers),
+                    join(output_root, "_staging"))
+        fs.rm(path, recursive=True)
+    return len(leftovers)
 
 
 def latest_run(output_root: str, storage_options: Optional[dict] = None) -> Optional[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import platform
 import uuid
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 
 import dml_ray
 from dml_ray.config import ModelConfig
+from dml_ray.errors import BadInput, CheckpointRefused
 from dml_ray.io.fs import is_local, url_to_fs
 from dml_ray.models.embedding import build_model
 
@@ -87,12 +89,28 @@ def model_id_of(data: bytes, backbone: str) -> str:
     return f"{backbone}-{hashlib.sha256(data).hexdigest()[:12]}"
 
 
+def _load_payload(uri: str, data: bytes, map_location: str) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint's bytes; a refused or unreadable file is BadInput (exit 2:
+    no retry fixes it) naming ``uri``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = f" ({found[0].split('. ')[0][:160]})" if found else ""
+        raise CheckpointRefused(f"{uri}: refused: the checkpoint carries code or objects that weights-only loading "
+                                f"does not allow{reason}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError) as err:
+        reason = str(err).split(". ")[0][:160] or type(err).__name__
+        raise BadInput(f"{uri}: not a readable checkpoint ({len(data)} bytes; truncated or damaged? {reason})") \
+            from None
+
+
 def load_checkpoint(uri: str, storage_options: Optional[dict] = None, map_location: str = "cpu") -> LoadedModel:
     """Load a checkpoint written by ``checkpoint_bytes`` (torch.load with weights_only=True)."""
     fs, path = url_to_fs(uri, storage_options)
     with fs.open(path, "rb") as f:
         data = f.read()
-    payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    payload = _load_payload(uri, data, map_location)
     if not isinstance(payload, dict) or payload.get("format") != 1:
         raise ValueError(f"{uri}: not a dml_ray checkpoint")
     cfg = ModelConfig.model_validate({**payload["model_config"], "weights": "none"})
