@@ -143,7 +143,7 @@ def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, 
     for image_id in ids:
         fs, path = url_to_fs(uris[image_id], storage_options)
         with fs.open(path, "rb") as f:
-            views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
+            views.append(display_view(decode_image(f.read()), data.input_resize(), data.image_size).numpy())
     titles = [f"IoU {r['iou']:.2f}" for r in rows]
     return boxes_gallery(views, [by_id[i] for i in ids], [r["box"] for r in rows], [gt[i] for i in ids], titles)
 

@@ -68,14 +68,32 @@ from dml_ray.metrics.localization.boxes import ComponentBoxes
 from dml_ray.metrics.localization.components import all_component_boxes, largest_component_boxes
 from dml_ray.metrics.localization.counter import LocalizationCounter, choose_threshold, per_image_results
 from dml_ray.metrics.localization.frames import box_to_input_frame, center_crop_offsets, resized_size
-from dml_ray.metrics.localization.grid import threshold_grid
+from dml_ray.metrics.localization.grid import (
+    DEFAULT_INTERVAL,
+    PAPER_THRESHOLDS,
+    mode_threshold_grid,
+    paper_threshold_grid,
+    threshold_grid,
+)
 from dml_ray.metrics.localization.iou import box_iou, box_iou_inclusive
-from dml_ray.metrics.localization.maps import minmax_normalise, score_maps, upsample_maps
-from dml_ray.metrics.localization.modes import LOCALIZATION_IOU, MAXBOXACC_IOUS, MODES, Mode
+from dml_ray.metrics.localization.maps import minmax_normalise, relu_max_normalise, score_maps, upsample_maps
+from dml_ray.metrics.localization.modes import (
+    IOU_RULES,
+    LOCALIZATION_IOU,
+    MAXBOXACC_IOUS,
+    MODE_DEFAULTS,
+    MODES,
+    NORMALISATIONS,
+    IouRule,
+    Mode,
+    Normalise,
+)
 from dml_ray.metrics.localization.wsol import wsol_all_contour_boxes, wsol_largest_contour_boxes
 
 __all__ = [
-    "LOCALIZATION_IOU", "MAXBOXACC_IOUS", "MODES", "ComponentBoxes", "LocalizationCounter", "Mode",
+    "DEFAULT_INTERVAL", "IOU_RULES", "LOCALIZATION_IOU", "MAXBOXACC_IOUS", "MODES", "MODE_DEFAULTS", "NORMALISATIONS",
+    "PAPER_THRESHOLDS", "ComponentBoxes", "IouRule", "LocalizationCounter", "Mode", "Normalise",
+    "mode_threshold_grid", "paper_threshold_grid", "relu_max_normalise",
     "all_component_boxes", "box_iou", "box_iou_inclusive", "box_to_input_frame", "center_crop_offsets",
     "choose_threshold", "largest_component_boxes", "minmax_normalise", "per_image_results", "resized_size",
     "score_maps", "threshold_grid", "upsample_maps", "wsol_all_contour_boxes", "wsol_largest_contour_boxes",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dml_ray.metrics.localization.frames import _pair
-from dml_ray.metrics.localization.modes import ArrayLike, Mode, _check_mode
+from dml_ray.metrics.localization.modes import ArrayLike, Mode, Normalise, resolve_options
 
 
 def _as_maps(maps: ArrayLike, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
@@ -57,17 +57,49 @@ def minmax_normalise(maps: ArrayLike) -> np.ndarray:
     return np.where(constant, 0, (arr - low) / np.where(constant, 1, span)).astype(arr.dtype)
 
 
-def score_maps(maps: ArrayLike, size: int | Sequence[int] | None = None, mode: Mode = "paper") -> np.ndarray:
-    """The maps a mode thresholds: upsampled to ``size`` (None: already in the input frame) and
-    min-max normalised. ``"paper"``: bilinear, float32, non-finite -> ValueError. ``"wsol"``: bicubic,
-    float64 (wsolevaluation handles np.float maps), a map holding NaN -> zeros as in
-    ``normalize_scoremap``."""
-    _check_mode(mode)
+def relu_max_normalise(maps: ArrayLike) -> np.ndarray:
+    """Per-map ``max(m, 0) / max(max(m, 0))`` into [0, 1]: what the activation-decomposition-tip2021
+    authors' demo code does to every map ("Passing through ReLU", "scale 0 to 1.0"). Negative evidence
+    becomes 0 instead of being stretched into weak positive evidence as min-max does. A map with no
+    positive value becomes all zeros. Raises ValueError on NaN or infinite values."""
+    arr = _as_maps(maps, None)
+    if not np.isfinite(arr).all():
+        raise ValueError("maps hold NaN or infinite values; cannot normalise")
+    positive = np.maximum(arr, 0)
+    peak = positive.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, positive / np.where(peak > 0, peak, 1), 0).astype(arr.dtype)
+
+
+def _constant(arr: np.ndarray) -> np.ndarray:
+    """[N, 1, 1] True where a map holds one value: decided on the stored map, before upsampling, whose
+    ~1e-15 ripples (a frame that is not a whole multiple of the map) would pass an exact test."""
+    return arr.min(axis=(1, 2), keepdims=True) == arr.max(axis=(1, 2), keepdims=True)
+
+
+def score_maps(maps: ArrayLike, size: int | Sequence[int] | None = None, mode: Mode = "paper",
+               normalise: Normalise | None = None) -> np.ndarray:
+    """The maps a mode thresholds, in [0, 1] in the input frame ``size`` (None: the maps are already there).
+
+    A constant map (no localization evidence) becomes all zeros in every mode, decided on the stored map.
+    ``"paper"`` (float32, non-finite -> ValueError): ``normalise="relu_max"`` (default) normalises at map
+    resolution then upsamples bilinearly, as the TIP authors' code does (ReLU, / max, cv2.resize);
+    ``"minmax"`` upsamples bilinearly then min-max normalises (DESIGN.md's original protocol).
+    ``"wsol"`` (float64, as wsolevaluation handles np.float maps): bicubic upsampling, then min-max; a map
+    holding NaN -> zeros (inference.py ``normalize_scoremap``)."""
+    normalise, _ = resolve_options(mode, normalise)
     if mode == "paper":
         arr = _as_maps(maps, np.float32)
-        return minmax_normalise(arr if size is None else upsample_maps(arr, size, "bilinear"))
+        if not np.isfinite(arr).all():
+            raise ValueError("maps hold NaN or infinite values; cannot normalise")
+        if normalise == "relu_max":
+            scores = np.where(_constant(arr), 0, relu_max_normalise(arr)).astype(np.float32)
+            return scores if size is None else upsample_maps(scores, size, "bilinear")
+        constant = _constant(arr)
+        scores = minmax_normalise(arr if size is None else upsample_maps(arr, size, "bilinear"))
+        return np.where(constant, 0, scores).astype(np.float32)
     arr = _as_maps(maps, np.float64)
+    arr = np.where(np.isnan(arr).any(axis=(1, 2), keepdims=True), 0.0, arr)
+    constant = _constant(arr)
     if size is not None:
         arr = upsample_maps(arr, size, "bicubic")
-    has_nan = np.isnan(arr).any(axis=(1, 2), keepdims=True)
-    return minmax_normalise(np.where(has_nan, 0.0, arr))
+    return np.where(constant, 0.0, minmax_normalise(arr))

@@ -1,7 +1,11 @@
 """wsolevaluation-exact mode: uint8 quantisation, strict threshold and cv2.findContours(RETR_TREE)
 boxes (compute_bboxes_from_scoremaps of clovaai/wsolevaluation).
 
-Without OpenCV, cv2.findContours is replaced by exact equivalents on the pixel grid, checked against
+OpenCV (``opencv-python-headless``, the library wsolevaluation itself calls) does the thresholding and the
+contours. Only the distinct integer cuts ``int(t * max(u8))`` are computed (at most 256 of them, however
+fine the grid: wsolevaluation's default 0.001 grid has 1,000 thresholds), then spread over the grid.
+
+Without OpenCV (an environment where it cannot be installed), cv2.findContours is replaced by exact equivalents on the pixel grid, checked against
 OpenCV 4.8 and 5.0 on random masks while writing this module (tests pin the cases by hand):
 
 * the outer border that RETR_TREE / RETR_EXTERNAL traces is the border of one 8-connected component,
@@ -18,12 +22,19 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+try:  # opencv-python-headless is a dependency; the emulation covers an environment without it
+    import cv2
+except ImportError:  # pragma: no cover - exercised by forcing use_opencv=False in the tests
+    cv2 = None
+
 from dml_ray.metrics.localization.boxes import ComponentBoxes, ImageBoxes, _best_per_slice, _labelled_boxes, _ragged
-from dml_ray.metrics.localization.components import _EIGHT_IN_PLANE
 from dml_ray.metrics.localization.grid import _check_thresholds
 from dml_ray.metrics.localization.maps import _as_maps
 from dml_ray.metrics.localization.modes import ArrayLike, Thresholds
 
+# In-plane connectivity for a stack of T masks: nothing connects across the stack axis.
+_EIGHT_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_EIGHT_IN_PLANE[1] = True
 _FOUR_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _FOUR_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
@@ -37,18 +48,12 @@ def _wsol_rect(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def _wsol_image_boxes(score: np.ndarray, thresholds: np.ndarray) -> ImageBoxes:
-    """One map [H, W] in [0, 1] at every threshold, wsolevaluation ``compute_bboxes_from_scoremaps``:
-    uint8 quantisation, strict threshold, cv2.findContours(RETR_TREE) emulated on the pixel grid
-    (module docstring). Returns the largest contour's box per threshold [T, 4], every contour's box
-    [K, 4] and their threshold indices [K]; an empty mask gives (0, 0, 0, 0) in both."""
-    if not ((score >= 0) & (score <= 1)).all():
-        raise ValueError("mode='wsol' needs maps in [0, 1] (wsolevaluation check_scoremap_validity); "
-                         "pass them through score_maps(..., mode='wsol') first")
-    height, width = score.shape
-    n_t = thresholds.size
-    quantised = (score * 255).astype(np.uint8)
-    cuts = (thresholds * quantised.max()).astype(np.int64)  # int(threshold * np.max(scoremap_image))
+def _emulated_cut_boxes(quantised: np.ndarray, cuts: np.ndarray) -> ImageBoxes:
+    """cv2.threshold + cv2.findContours(RETR_TREE) emulated on the pixel grid (module docstring) for a
+    uint8 map [H, W] at every cut [C]: the largest contour's box per cut [C, 4], every contour's box [K, 4]
+    and their cut indices [K]; an empty mask gives (0, 0, 0, 0) in both."""
+    height, width = quantised.shape
+    n_t = cuts.size
     masks = quantised[None] > cuts[:, None, None]  # cv2.THRESH_BINARY: src > thresh
 
     labels, count = ndimage.label(masks, structure=_EIGHT_IN_PLANE)
@@ -87,12 +92,59 @@ def _wsol_image_boxes(score: np.ndarray, thresholds: np.ndarray) -> ImageBoxes:
     return largest, all_boxes, all_slices
 
 
+def _opencv_cut_boxes(quantised: np.ndarray, cuts: np.ndarray) -> ImageBoxes:
+    """wsolevaluation's scoremap2bbox with OpenCV for a uint8 map [H, W] at every cut [C]: same outputs as
+    ``_emulated_cut_boxes`` (the largest contour is the first of cv2's list with the largest
+    cv2.contourArea, as Python's max() keeps)."""
+    height, width = quantised.shape
+    largest = np.zeros((cuts.size, 4), dtype=np.int64)
+    boxes, owners = [], []
+    for c, cut in enumerate(cuts):
+        _, mask = cv2.threshold(quantised, int(cut), 255, cv2.THRESH_BINARY)
+        contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]  # OpenCV 3, 4 and 5
+        if not contours:
+            boxes.append(np.zeros((1, 4), dtype=np.int64))
+            owners.append(np.array([c]))
+            continue
+        rects = np.array([cv2.boundingRect(contour) for contour in contours], dtype=np.int64).reshape(-1, 4)
+        rects[:, 2:] += rects[:, :2]  # (x, y, w, h) -> (x, y, x + w, y + h), then wsolevaluation's clip
+        rects[:, 2] = np.minimum(rects[:, 2], width - 1)
+        rects[:, 3] = np.minimum(rects[:, 3], height - 1)
+        largest[c] = rects[int(np.argmax([cv2.contourArea(contour) for contour in contours]))]
+        boxes.append(rects)
+        owners.append(np.full(len(rects), c))
+    return largest, np.concatenate(boxes), np.concatenate(owners)
+
+
+def _wsol_image_boxes(score: np.ndarray, thresholds: np.ndarray, use_opencv: bool | None = None) -> ImageBoxes:
+    """One map [H, W] in [0, 1] at every threshold, wsolevaluation ``compute_bboxes_from_scoremaps``:
+    uint8 quantisation, the cut ``int(t * max(u8))``, strict threshold, contour boxes. Returns the largest
+    contour's box per threshold [T, 4], every contour's box [K, 4] and their threshold indices [K]; an empty
+    mask gives (0, 0, 0, 0) in both. ``use_opencv``: None uses OpenCV when it is installed, False forces
+    the emulation (tests compare the two)."""
+    if not ((score >= 0) & (score <= 1)).all():
+        raise ValueError("mode='wsol' needs maps in [0, 1] (wsolevaluation check_scoremap_validity); "
+                         "pass them through score_maps(..., mode='wsol') first")
+    if use_opencv and cv2 is None:
+        raise ImportError("use_opencv=True needs opencv-python-headless (pip install opencv-python-headless)")
+    quantised = (score * 255).astype(np.uint8)
+    cuts = (thresholds * quantised.max()).astype(np.int64)  # int(threshold * np.max(scoremap_image))
+    unique, inverse = np.unique(cuts, return_inverse=True)
+    opencv = cv2 is not None if use_opencv is None else use_opencv
+    largest, boxes, owner = (_opencv_cut_boxes if opencv else _emulated_cut_boxes)(quantised, unique)
+    # Spread the distinct cuts' boxes over the grid: threshold t takes cut inverse[t]'s rows.
+    order = np.argsort(owner, kind="stable")
+    start = np.searchsorted(owner[order], np.arange(unique.size + 1))
+    rows = np.concatenate([order[start[u]:start[u + 1]] for u in inverse])
+    return largest[inverse], boxes[rows], np.repeat(np.arange(thresholds.size), np.diff(start)[inverse])
+
+
 def wsol_largest_contour_boxes(maps: ArrayLike, thresholds: Thresholds = None) -> np.ndarray:
     """wsolevaluation ``compute_bboxes_from_scoremaps(multi_contour_eval=False)``: per map (in
     [0, 1]) and threshold the box of the contour with the largest cv2.contourArea, in wsolevaluation's
     convention (package docstring). Returns [N, T, 4] int64."""
     arr = _as_maps(maps, np.float64)
-    grid = _check_thresholds(thresholds)
+    grid = _check_thresholds(thresholds, "wsol")
     return np.stack([_wsol_image_boxes(m, grid)[0] for m in arr]).reshape(len(arr), grid.size, 4)
 
 
@@ -100,5 +152,5 @@ def wsol_all_contour_boxes(maps: ArrayLike, thresholds: Thresholds = None) -> Co
     """wsolevaluation ``compute_bboxes_from_scoremaps(multi_contour_eval=True)``: every RETR_TREE
     contour's box (outer borders of all components and borders of all holes)."""
     arr = _as_maps(maps, np.float64)
-    grid = _check_thresholds(thresholds)
+    grid = _check_thresholds(thresholds, "wsol")
     return _ragged([_wsol_image_boxes(m, grid) for m in arr])
