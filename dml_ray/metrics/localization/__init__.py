@@ -4,32 +4,42 @@ Protocol (DESIGN.md "Evaluation protocols: Localization"; activation-decompositi
 Tables I-IV; dist-cam Sec. 3, Table 1; MaxBoxAccV2 from Choe et al., "Evaluating Weakly Supervised
 Object Localization Methods Right", CVPR 2020, public code clovaai/wsolevaluation):
 
-    map (feature resolution) -> upsample to the model input frame -> min-max normalise
+    map (feature resolution) -> normalise and upsample to the model input frame
     -> mask at every threshold of a grid -> box(es) -> IoU with the ground-truth box(es), which are
     carried into the same frame (``box_to_input_frame``) -> counts per threshold -> accuracies.
 
 Counting follows wsolevaluation's BoxEvaluator ("accumulate, then compute"), but the counts are
 integer arrays, so two counters over disjoint shards merge by addition (a Ray reduce is a sum).
 
-Two modes. ``"paper"`` (the default) follows DESIGN.md; ``"wsol"`` reproduces wsolevaluation so
-numbers compare with published WSOL tables:
+Two modes. ``"paper"`` (the default) follows the TIP paper and its authors' code; ``"wsol"`` reproduces
+wsolevaluation so numbers compare with published WSOL tables:
 
 ================  ====================================  ============================================
 step              ``mode="paper"``                      ``mode="wsol"``
 ================  ====================================  ============================================
+input frame       the run's eval transform (resize the  Resize((S, S)), no crop (wsolevaluation's
+                  shorter side, centre crop)            data_loaders test transform; the pipeline's
+                                                        ``data.frame: resize``)
+constant map      zeros, decided on the stored map      same (wsolevaluation normalize_scoremap sees
+                  (before upsampling)                   cv2's exact constant)
+normalisation     ``normalise="relu_max"`` (default):   (m - min) / (max - min) after upsampling;
+                  max(m, 0) / max at map resolution,    a map holding NaN -> zeros
+                  then upsampling (the TIP authors'     (inference.normalize_scoremap)
+                  demo code); ``"minmax"``: upsample,
+                  then (m - min) / (max - min);
+                  non-finite -> ValueError
 upsampling        bilinear, align_corners=False         bicubic, align_corners=False (torch; equals
                                                         the cv2.INTER_CUBIC resize of inference.py
                                                         up to ~1e-6, A = -0.75, replicated border)
-normalisation     (m - min) / (max - min); constant     same; constant -> zeros; a map holding NaN
-                  -> zeros; non-finite -> ValueError    -> zeros (inference.normalize_scoremap)
-threshold grid    ``threshold_grid()`` =                the same grid (cam_curve_interval = 0.01)
-                  np.arange(0, 1, 0.01), configurable
+threshold grid    ``paper_threshold_grid()`` =          ``threshold_grid(0.001)`` (cam_curve_interval
+                  np.arange(0, 1, 0.01) plus Table I's  default); any interval, nothing added
+                  thresholds (0.15 ... 0.7) if missed
 mask at t         ``map >= t`` on the float map         ``u8 > int(t * u8.max())`` with
                   (t = 0 keeps every pixel)             ``u8 = (map * 255).astype(uint8)``
                                                         (cv2.threshold THRESH_BINARY is strict; a
                                                         constant map gives an empty mask everywhere)
-regions           8-connected components                contours of cv2.findContours(RETR_TREE):
-                  (scipy.ndimage.label, ones(3, 3))     the outer border of every 8-connected
+regions           8-connected components (as            contours of cv2.findContours(RETR_TREE):
+                  scipy.ndimage.label, ones(3, 3))      the outer border of every 8-connected
                                                         component AND the border of every hole
                                                         (4-connected background not reaching the
                                                         image edge)
@@ -54,11 +64,16 @@ MaxBoxAccV2       all components' boxes; an image is    all contours' boxes (hol
                   correct when ANY box reaches the IoU  rule
 ================  ====================================  ============================================
 
-In both modes an image is correct at IoU threshold d when IoU >= d (wsolevaluation; the TIP paper's
-text says "greater than 0.5"), the IoU of an image being its best over its ground-truth boxes; a
-ground-truth box that is empty (outside the crop) or NaN-padded never matches (IoU 0).
+Correct at IoU criterion d (the IoU of an image being its best over its ground-truth boxes; a ground-truth
+box that is empty (outside the crop) or NaN-padded never matches): mode paper counts IoU > d for the
+largest box (TIP Sec. VI-A: "greater than 0.5"; ``iou_rule="at_least"`` for >=), mode wsol IoU >= d
+(BoxEvaluator). MaxBoxAccV2 counts IoU >= d in both modes (its definition) and the Dist-CAM top-1
+localization error IoU >= 0.5 (dist-cam Sec. 4: wrong when "lower than 0.5").
 
-The wsol mode's emulation of OpenCV's contours is described in ``wsol.py``.
+Paper mode boxes every threshold in one union-find sweep (``components``, Numba); wsol mode thresholds and
+traces contours with OpenCV, once per distinct 8-bit cut (``wsol``).
+
+The wsol mode's exact emulation of OpenCV's contours (the fallback without OpenCV) is described in ``wsol.py``.
 
 One module per idea: ``grid`` (thresholds), ``frames`` (input frame), ``maps`` (score maps), ``components``
 (paper-mode boxes), ``wsol`` (wsolevaluation-exact boxes), ``boxes`` (containers), ``iou`` and ``counter``

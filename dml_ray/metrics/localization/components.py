@@ -26,6 +26,11 @@ from dml_ray.metrics.localization.maps import _as_maps
 from dml_ray.metrics.localization.modes import ArrayLike, Thresholds
 
 
+# The 8 neighbours, L = (-1, 0) and U = (0, -1) first.
+_DX = np.array([-1, 0, -1, 1, 1, -1, 0, 1])
+_DY = np.array([0, -1, -1, -1, 0, 1, 1, 1])
+
+
 @njit(cache=True)
 def _find(parent: np.ndarray, p: int) -> int:
     while parent[p] != p:  # path halving
@@ -42,13 +47,35 @@ def _sweep(values: np.ndarray, ascending: np.ndarray, height: int, width: int, w
     [K, 4] with its threshold index [K] (an empty mask contributes one (0, 0, 0, 0) row)."""
     n = height * width
     n_levels = ascending.size
-    # Bucket = the highest threshold a pixel passes (value >= t, float64), -1 for none (and NaN).
-    level = np.searchsorted(ascending, values.astype(np.float64), side="right").astype(np.int32) - 1
+    # Bucket = the highest threshold a pixel passes (value >= t, in float64), -1 for none (and NaN). Neighbouring
+    # pixels of a smooth map fall in nearby buckets: walk a few steps from the previous pixel's bucket, else
+    # binary search.
+    level = np.empty(n, dtype=np.int32)
     counts = np.zeros(n_levels + 1, dtype=np.int32)
+    lv = -1
     for p in range(n):
-        if values[p] != values[p]:
-            level[p] = -1
-        counts[level[p] + 1] += 1
+        v = np.float64(values[p])
+        if v != v:
+            lv = -1
+        else:
+            steps = 0
+            while lv + 1 < n_levels and ascending[lv + 1] <= v and steps < 4:
+                lv += 1
+                steps += 1
+            while lv >= 0 and ascending[lv] > v and steps < 4:
+                lv -= 1
+                steps += 1
+            if steps == 4:
+                lo, hi = 0, n_levels  # first index whose threshold is > v, minus one
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if ascending[mid] <= v:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                lv = lo - 1
+        level[p] = lv
+        counts[lv + 1] += 1
     start = np.zeros(n_levels + 2, dtype=np.int32)
     for lv in range(n_levels + 1):
         start[lv + 1] = start[lv] + counts[lv]
@@ -82,36 +109,56 @@ def _sweep(values: np.ndarray, ascending: np.ndarray, height: int, width: int, w
             p = order[i]
             y = p // width
             x = p - y * width
-            parent[p] = p
-            size[p] = 1
-            first[p] = p
-            x0[p], y0[p], x1[p], y1[p] = x, y, x + 1, y + 1
-            roots[n_roots] = p
-            slot[p] = n_roots
-            n_roots += 1
-            a = p  # the root of p's component so far
-            for yy in range(max(y - 1, 0), min(y + 2, height)):
-                for xx in range(max(x - 1, 0), min(x + 2, width)):
-                    q = yy * width + xx
-                    b = parent[q]
-                    if b < 0 or b == a:  # inactive, or already in p's component (p itself included)
-                        continue
-                    b = _find(parent, b)
-                    if a == b:
-                        continue
-                    if size[a] < size[b]:
-                        a, b = b, a
-                    parent[b] = a  # union by size; b stops being a root
-                    size[a] += size[b]
-                    first[a] = min(first[a], first[b])
-                    x0[a] = min(x0[a], x0[b])
-                    y0[a] = min(y0[a], y0[b])
-                    x1[a] = max(x1[a], x1[b])
-                    y1[a] = max(y1[a], y1[b])
-                    last = roots[n_roots - 1]
-                    roots[slot[b]] = last
-                    slot[last] = slot[b]
-                    n_roots -= 1
+            a = -1  # the root of p's component once p joins one
+            # Invariant: any two 8-adjacent active pixels are in one component. So once the left (L) or
+            # upper (U) neighbour is joined, the neighbours 8-adjacent to it need no visit.
+            has_left = x > 0 and parent[p - 1] >= 0
+            has_up = y > 0 and parent[p - width] >= 0
+            for k in range(8):
+                dx, dy = _DX[k], _DY[k]
+                if k >= 2 and ((has_left and dx <= 0) or (has_up and dy <= 0)):
+                    continue
+                xx, yy = x + dx, y + dy
+                if xx < 0 or xx >= width or yy < 0 or yy >= height:
+                    continue
+                b = parent[yy * width + xx]
+                if b < 0 or b == a:  # inactive, or already in p's component
+                    continue
+                b = _find(parent, b)
+                if a < 0:  # p joins its first neighbour's component
+                    a = b
+                    parent[p] = a
+                    size[a] += 1
+                    first[a] = min(first[a], p)
+                    x0[a] = min(x0[a], x)
+                    y0[a] = min(y0[a], y)
+                    x1[a] = max(x1[a], x + 1)
+                    y1[a] = max(y1[a], y + 1)
+                    continue
+                if a == b:
+                    continue
+                if size[a] < size[b]:
+                    a, b = b, a
+                parent[b] = a  # union by size; b stops being a root
+                size[a] += size[b]
+                first[a] = min(first[a], first[b])
+                x0[a] = min(x0[a], x0[b])
+                y0[a] = min(y0[a], y0[b])
+                x1[a] = max(x1[a], x1[b])
+                y1[a] = max(y1[a], y1[b])
+                last = roots[n_roots - 1]
+                roots[slot[b]] = last
+                slot[last] = slot[b]
+                n_roots -= 1
+            if a < 0:  # no active neighbour: p starts a component
+                a = p
+                parent[p] = p
+                size[p] = 1
+                first[p] = p
+                x0[p], y0[p], x1[p], y1[p] = x, y, x + 1, y + 1
+                roots[n_roots] = p
+                slot[p] = n_roots
+                n_roots += 1
             if size[a] > best_size or (size[a] == best_size and first[a] < best_first):
                 best, best_size, best_first = a, size[a], first[a]
         if best >= 0:

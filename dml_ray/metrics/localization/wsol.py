@@ -27,7 +27,7 @@ try:  # opencv-python-headless is a dependency; the emulation covers an environm
 except ImportError:  # pragma: no cover - exercised by forcing use_opencv=False in the tests
     cv2 = None
 
-from dml_ray.metrics.localization.boxes import ComponentBoxes, ImageBoxes, _best_per_slice, _labelled_boxes, _ragged
+from dml_ray.metrics.localization.boxes import ComponentBoxes, ImageBoxes, _ragged
 from dml_ray.metrics.localization.grid import _check_thresholds
 from dml_ray.metrics.localization.maps import _as_maps
 from dml_ray.metrics.localization.modes import ArrayLike, Thresholds
@@ -37,6 +37,29 @@ _EIGHT_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _EIGHT_IN_PLANE[1] = True
 _FOUR_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _FOUR_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _labelled_boxes(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """For labels 1..count of a [T, H, W] stack: the slice index of each label and its tight box
+    (x0, y0, x1 = max x + 1, y1 = max y + 1) from ``ndimage.find_objects``."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64)
+    table = np.array([[s[0].start, s[2].start, s[1].start, s[2].stop, s[1].stop]
+                      for s in ndimage.find_objects(labels, count)], dtype=np.int64)
+    return table[:, 0], table[:, 1:]
+
+
+def _best_per_slice(slice_of: np.ndarray, score: np.ndarray, prefer_last: bool, n_slices: int) -> np.ndarray:
+    """Index (into the label arrays) of the highest score in every slice, -1 for an empty slice.
+    Ties go to the first label in raster order, or the last with ``prefer_last``."""
+    chosen = np.full(n_slices, -1, dtype=np.int64)
+    if slice_of.size == 0:
+        return chosen
+    rank = np.arange(slice_of.size)
+    order = np.lexsort((-rank if prefer_last else rank, -score, slice_of))
+    slices, first = np.unique(slice_of[order], return_index=True)
+    chosen[slices] = order[first]
+    return chosen
 
 
 def _wsol_rect(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
