@@ -57,10 +57,12 @@ def in_holdout(image_ids: list[str], fraction: float) -> np.ndarray:
 
 
 def baseline_maps(image_ids: list[str], grid: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-    """Random maps (seeded per image) and a centred peak, at feature-map resolution."""
+    """Random maps (seeded per image) and a centred peak, at feature-map resolution. Both are non-negative
+    with minimum 0, so ReLU-then-max and min-max normalisation give the same score maps."""
     h, w = grid
     rows, cols = np.mgrid[0:h, 0:w]
-    centre = -((rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2).astype(np.float32)
+    distance2 = (rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2
+    centre = (distance2.max() - distance2).astype(np.float32)
     random = np.stack([np.random.default_rng((seed, zlib.crc32(i.encode()))).random((h, w), dtype=np.float32)
                        for i in image_ids])
     return {"baseline_random": random, "baseline_center": np.broadcast_to(centre, (len(image_ids), h, w))}

@@ -576,3 +576,17 @@ def test_opencv_and_emulated_contours_agree() -> None:
         for use_opencv in (True, False):
             np.testing.assert_array_equal(_wsol_image_boxes(case, STEP_02, use_opencv)[0],
                                           wsol_largest_contour_boxes(case[None], STEP_02)[0])
+
+
+def test_centre_baseline_keeps_its_peak_under_relu_max() -> None:
+    # The centred-box baseline was -distance^2 (all <= 0): ReLU-then-max made it all zeros, i.e. the whole
+    # frame at t = 0 and nothing above. It must stay a centred peak under both normalisations.
+    from pipelines.localize import baseline_maps
+
+    maps = baseline_maps(["a", "b"], (7, 7), seed=0)
+    for normalise in ("relu_max", "minmax"):
+        centre = score_maps(maps["baseline_center"], normalise=normalise)
+        assert centre[0, 3, 3] == 1.0 and centre[0, 0, 0] == 0.0, normalise
+        assert largest_component_boxes(centre, [0.75])[0, 0].tolist() == [1, 1, 6, 6]  # distance^2 <= 4.5
+        random = score_maps(maps["baseline_random"], normalise=normalise)
+        assert random.max() == 1.0 and random.min() >= 0.0
