@@ -57,8 +57,8 @@ def in_holdout(image_ids: list[str], fraction: float) -> np.ndarray:
 
 
 def baseline_maps(image_ids: list[str], grid: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-    """Random maps (seeded per image) and a centred peak, at feature-map resolution. Both are non-negative
-    with minimum 0, so ReLU-then-max and min-max normalisation give the same score maps."""
+    """Random maps (seeded per image, uniform in [0, 1)) and a centred peak, at feature-map resolution. The peak
+    is non-negative with minimum 0 at the corners, so ReLU-then-max and min-max give the same score map."""
     h, w = grid
     rows, cols = np.mgrid[0:h, 0:w]
     distance2 = (rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2
