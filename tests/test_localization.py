@@ -556,6 +556,23 @@ def test_one_pass_sweep_equals_per_threshold_labelling() -> None:
             assert sorted(comps.boxes[comps.threshold_index == t].tolist()) == expected_all[t]
 
 
+def _wsol_largest_per_threshold(score: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """wsolevaluation's scoremap2bbox, one threshold at a time with OpenCV (largest contour only)."""
+    import cv2
+
+    u8 = (score * 255).astype(np.uint8)
+    out = []
+    for t in thresholds:
+        _, mask = cv2.threshold(u8, int(t * np.max(u8)), 255, cv2.THRESH_BINARY)
+        contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+        if not contours:
+            out.append([0, 0, 0, 0])
+            continue
+        x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea))
+        out.append([x, y, min(x + w, score.shape[1] - 1), min(y + h, score.shape[0] - 1)])
+    return np.array(out)
+
+
 def test_opencv_and_emulated_contours_agree() -> None:
     from dml_ray.metrics.localization.wsol import _wsol_image_boxes, cv2
 
@@ -570,6 +587,8 @@ def test_opencv_and_emulated_contours_agree() -> None:
         m = minmax_normalise(m[None])[0]
         opencv, emulated = _wsol_image_boxes(m, grid, use_opencv=True), _wsol_image_boxes(m, grid, use_opencv=False)
         np.testing.assert_array_equal(opencv[0], emulated[0])
+        fine = mode_threshold_grid("wsol")  # 1,000 thresholds, each cut once only where the mask changes
+        np.testing.assert_array_equal(_wsol_image_boxes(m, fine)[0], _wsol_largest_per_threshold(m, fine))
         for t in range(grid.size):
             assert sorted(opencv[1][opencv[2] == t].tolist()) == sorted(emulated[1][emulated[2] == t].tolist())
     for case in (UNIMODAL, MULTIMODAL):

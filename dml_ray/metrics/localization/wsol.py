@@ -3,7 +3,8 @@ boxes (compute_bboxes_from_scoremaps of clovaai/wsolevaluation).
 
 OpenCV (``opencv-python-headless``, the library wsolevaluation itself calls) does the thresholding and the
 contours. Only the distinct integer cuts ``int(t * max(u8))`` are computed (at most 256 of them, however
-fine the grid: wsolevaluation's default 0.001 grid has 1,000 thresholds), then spread over the grid.
+fine the grid: wsolevaluation's default 0.001 grid has 1,000 thresholds), and of those only the ones that
+give different masks, then spread over the grid.
 
 Without OpenCV (an environment where it cannot be installed), cv2.findContours is replaced by exact equivalents on the pixel grid, checked against
 OpenCV 4.8 and 5.0 on random masks while writing this module (tests pin the cases by hand):
@@ -152,12 +153,16 @@ def _wsol_image_boxes(score: np.ndarray, thresholds: np.ndarray, use_opencv: boo
         raise ImportError("use_opencv=True needs opencv-python-headless (pip install opencv-python-headless)")
     quantised = (score * 255).astype(np.uint8)
     cuts = (thresholds * quantised.max()).astype(np.int64)  # int(threshold * np.max(scoremap_image))
-    unique, inverse = np.unique(cuts, return_inverse=True)
+    # The mask u8 > cut only changes where the cut passes a value the map holds: cuts with the same count
+    # of held values at or below them give the same mask, so each such group is traced once.
+    held = np.unique(quantised)
+    masks, first, inverse = np.unique(np.searchsorted(held, cuts, side="right"), return_index=True,
+                                      return_inverse=True)
     opencv = cv2 is not None if use_opencv is None else use_opencv
-    largest, boxes, owner = (_opencv_cut_boxes if opencv else _emulated_cut_boxes)(quantised, unique)
+    largest, boxes, owner = (_opencv_cut_boxes if opencv else _emulated_cut_boxes)(quantised, cuts[first])
     # Spread the distinct cuts' boxes over the grid: threshold t takes cut inverse[t]'s rows.
     order = np.argsort(owner, kind="stable")
-    start = np.searchsorted(owner[order], np.arange(unique.size + 1))
+    start = np.searchsorted(owner[order], np.arange(masks.size + 1))
     rows = np.concatenate([order[start[u]:start[u + 1]] for u in inverse])
     return largest[inverse], boxes[rows], np.repeat(np.arange(thresholds.size), np.diff(start)[inverse])
 
