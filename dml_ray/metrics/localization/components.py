@@ -57,7 +57,7 @@ def _sweep(values: np.ndarray, ascending: np.ndarray, height: int, width: int, w
     counts = np.zeros(n_levels + 1, dtype=np.int32)
     lv = -1
     for p in range(n):
-        v = np.float64(values[p])
+        v = values[p]
         if v != v:
             lv = -1
         else:
@@ -196,8 +196,10 @@ def _paper_image_boxes(score: np.ndarray, thresholds: np.ndarray, want_all: bool
     indices [K] (an empty mask contributes one (0, 0, 0, 0) row; K = 0 without ``want_all``)."""
     height, width = score.shape
     order = np.argsort(thresholds, kind="stable")
-    largest, boxes, levels = _sweep(np.ascontiguousarray(score).reshape(-1), np.ascontiguousarray(thresholds[order]),
-                                    height, width, want_all)
+    # float64 in (exact for float32 maps): one compiled signature for every map dtype
+    values = np.ascontiguousarray(score, dtype=np.float64).reshape(-1)
+    ascending = np.ascontiguousarray(thresholds[order], dtype=np.float64)
+    largest, boxes, levels = _sweep(values, ascending, int(height), int(width), bool(want_all))
     out = np.empty_like(largest)
     out[order] = largest
     return out, boxes, order[levels]
