@@ -128,7 +128,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         check_scheme(f"--{field}", getattr(args, field), allowed)
     loaded = load_checkpoint(args.checkpoint)
     size = loaded.image_size
-    resize = int(loaded.extra.get("resize", size))
+    resize = loaded.extra.get("resize", size)  # an int (shorter side) or [h, w] (the resize frame)
+    resize = int(resize) if isinstance(resize, (int, float)) else tuple(int(v) for v in resize)
     transform = eval_transform(resize, size)
     images, views = [], []
     for uri in (args.query, args.reference):

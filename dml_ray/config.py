@@ -39,8 +39,18 @@ class DataConfig(Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     image_size: int = Field(224, ge=16, description="side of the square model input (center crop)")
     resize: int = Field(256, ge=16, description="shorter side after resizing, before the crop")
+    frame: Optional[Literal["resize_crop", "resize"]] = Field(
+        None, description="model input frame at inference: resize_crop = Resize(resize) (shorter side) + "
+                          "CenterCrop(image_size); resize = Resize((image_size, image_size)), no crop (wsolevaluation's "
+                          "evaluation frame). None: resize for localize.mode wsol, else resize_crop")
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, exclude=True,
                                             description="deprecated: use storage.options")
+
+    def input_resize(self) -> int | tuple[int, int]:
+        """What the inference transforms pass to torchvision ``Resize`` before ``CenterCrop(image_size)``:
+        ``resize`` (shorter side) for the resize_crop frame, (image_size, image_size) for the resize frame
+        (the crop then keeps everything)."""
+        return (self.image_size, self.image_size) if self.frame == "resize" else self.resize
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DataConfig":
@@ -221,11 +231,27 @@ class ExplainConfig(Strict):
 
 class LocalizeConfig(Strict):
     mode: Literal["paper", "wsol"] = Field("paper", description="paper: DESIGN.md protocol; wsol: wsolevaluation's")
-    threshold_interval: float = Field(0.01, gt=0, lt=1, description="threshold grid np.arange(0, 1, interval)")
+    threshold_interval: Optional[float] = Field(
+        None, gt=0, lt=1, description="threshold grid np.arange(0, 1, interval); mode paper adds the paper's Table I "
+                                      "thresholds (0.15, 0.2, ..., 0.7) it misses. None: paper 0.01, wsol 0.001 "
+                                      "(wsolevaluation's cam_curve_interval)")
+    normalise: Optional[Literal["relu_max", "minmax"]] = Field(
+        None, description="mode paper: relu_max = ReLU then divide by the max (the TIP authors' code, default) or "
+                          "minmax; mode wsol is always minmax")
+    iou_rule: Optional[Literal["greater", "at_least"]] = Field(
+        None, description="mode paper: greater = IoU > 0.5 (TIP Sec. VI-A, default) or at_least = IoU >= 0.5; "
+                          "mode wsol is always at_least")
     holdout_fraction: float = Field(0.5, gt=0, lt=1, description="images used to choose a held-out threshold")
     baselines: bool = Field(True, description="also localize random maps and a centred box")
     shards: int = Field(4, ge=1, description="Ray tasks over the activation_maps files")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _wsol_is_exact(self) -> "LocalizeConfig":
+        if self.mode == "wsol" and (self.normalise or "minmax", self.iou_rule or "at_least") != ("minmax", "at_least"):
+            raise ValueError("localize.mode wsol reproduces wsolevaluation (normalise minmax, iou_rule at_least); "
+                             "use mode paper to change normalise or iou_rule")
+        return self
 
 
 class StorageConfig(Strict):
@@ -336,6 +362,12 @@ class RunConfig(Strict):
         if self.train.loss.name != "binomial_deviance" or self.train.loss.miner is not None:
             raise ValueError("train.loss: model.kind deml trains each learner with binomial_deviance (Eq. 5), "
                              "no miner")
+        return self
+
+    @model_validator(mode="after")
+    def _frame_follows_localize_mode(self) -> "RunConfig":
+        if self.data.frame is None:
+            self.data.frame = "resize" if self.localize.mode == "wsol" else "resize_crop"
         return self
 
     @model_validator(mode="after")

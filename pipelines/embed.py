@@ -85,7 +85,7 @@ def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: Data
     so = storage_options
     ds = ds.map_batches(_fetch_and_hash, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
                         batch_size=cfg.batch_size, num_cpus=READ_CPUS)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"resize": data.resize, "image_size": data.image_size},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"resize": data.input_resize(), "image_size": data.image_size},
                         batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=READ_CPUS)
     return ds.map_batches(
         HashedEmbedder,

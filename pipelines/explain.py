@@ -281,7 +281,7 @@ def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data:
     for image_id in chosen:
         fs, path = url_to_fs(uris[image_id], storage_options)
         with fs.open(path, "rb") as f:
-            views.append(display_view(decode_image(f.read()), data.resize, data.image_size).numpy())
+            views.append(display_view(decode_image(f.read()), data.input_resize(), data.image_size).numpy())
         mine = maps.filter(pc.equal(maps.column("image_id"), image_id)).to_pylist()
         per_image.append({r["method"]: np.asarray(r["map"], np.float32).reshape(r["map_h"], r["map_w"]) for r in mine})
     titles = [i.rsplit("/", 1)[-1][-26:] for i in chosen]

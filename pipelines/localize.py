@@ -25,7 +25,7 @@ from dml_ray.config import DataConfig, LocalizeConfig
 from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.schemas import LOCALIZATION_SCHEMA, METRICS_SCHEMA
 from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri
-from dml_ray.metrics.localization import LocalizationCounter, box_to_input_frame, choose_threshold, threshold_grid
+from dml_ray.metrics.localization import LocalizationCounter, box_to_input_frame, choose_threshold, mode_threshold_grid
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,13 @@ class LocalizeResult:
 
 
 def ground_truth(images: pa.Table, data: DataConfig) -> dict[str, np.ndarray]:
-    """Image id -> its box (x0, y0, x1, y1) in the model-input frame (resize then center crop)."""
+    """Image id -> its box (x0, y0, x1, y1) in the model-input frame (``data.frame``: resize then center crop,
+    or wsolevaluation's Resize((S, S)) without a crop)."""
     with_box = images.filter(pc.and_(pc.is_valid(images.column("bbox")), pc.is_valid(images.column("width"))))
     box = with_box.column("bbox").combine_chunks()
     xywh = np.stack([box.field(n).to_numpy(zero_copy_only=False) for n in ("x", "y", "w", "h")], axis=1)
     wh = np.stack([with_box.column("width").to_numpy(), with_box.column("height").to_numpy()], axis=1)
-    frame = box_to_input_frame(xywh, wh, data.resize, data.image_size)
+    frame = box_to_input_frame(xywh, wh, data.input_resize(), data.image_size)
     return dict(zip(with_box.column("image_id").to_pylist(), frame))
 
 
@@ -56,19 +57,21 @@ def in_holdout(image_ids: list[str], fraction: float) -> np.ndarray:
 
 
 def baseline_maps(image_ids: list[str], grid: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-    """Random maps (seeded per image) and a centred peak, at feature-map resolution."""
+    """Random maps (seeded per image, uniform in [0, 1)) and a centred peak, at feature-map resolution. The peak
+    is non-negative with minimum 0 at the corners, so ReLU-then-max and min-max give the same score map."""
     h, w = grid
     rows, cols = np.mgrid[0:h, 0:w]
-    centre = -((rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2).astype(np.float32)
+    distance2 = (rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2
+    centre = (distance2.max() - distance2).astype(np.float32)
     random = np.stack([np.random.default_rng((seed, zlib.crc32(i.encode()))).random((h, w), dtype=np.float32)
                        for i in image_ids])
     return {"baseline_random": random, "baseline_center": np.broadcast_to(centre, (len(image_ids), h, w))}
 
 
 def _counters(cfg: LocalizeConfig, size: int) -> tuple[LocalizationCounter, LocalizationCounter]:
-    grid = threshold_grid(cfg.threshold_interval)
-    return (LocalizationCounter(grid, mode=cfg.mode, input_size=size),
-            LocalizationCounter(grid, mode=cfg.mode, input_size=size))
+    grid = mode_threshold_grid(cfg.mode, cfg.threshold_interval)
+    options = {"mode": cfg.mode, "input_size": size, "normalise": cfg.normalise, "iou_rule": cfg.iou_rule}
+    return LocalizationCounter(grid, **options), LocalizationCounter(grid, **options)
 
 
 def _rows(run_id: str, image_ids: list[str], kind: str, method: str, thresholds: np.ndarray, boxes: np.ndarray,
@@ -154,12 +157,12 @@ def metrics_rows(counters: dict[Key, tuple], run_id: str) -> pa.Table:
         whole = holdout.merge(rest).compute()
         name = f"{kind}/{method}"
 
-        def row(metric, value, k=None):
+        def row(metric, value, threshold=None):
             rows.append({"run_id": run_id, "stage": "localize", "split": split, "metric": f"{metric}/{name}",
-                         "k": k, "value": float(value)})
+                         "k": None, "value": float(value), "threshold": threshold})
 
         for t, acc in zip(whole["thresholds"], whole["accuracy"]):
-            row("loc_acc", acc, int(round(t * 100)))
+            row("loc_acc", acc, float(t))
         row("loc_best_threshold", whole["best_threshold"])
         row("loc_best_acc", whole["best_accuracy"])
         row("maxboxacc_v2", whole["maxboxacc_v2"])

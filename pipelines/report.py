@@ -134,7 +134,7 @@ def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, 
     by_id = {m["image_id"]: np.asarray(m["map"], np.float32).reshape(m["map_h"], m["map_w"]) for m in chosen}
     views = []
     for image_id in ids:
-        views.append(display_view(decode_image(run.read_input(uris[image_id])), data.resize,
+        views.append(display_view(decode_image(run.read_input(uris[image_id])), data.input_resize(),
                                   data.image_size).numpy())
     titles = [f"IoU {r['iou']:.2f}" for r in rows]
     return boxes_gallery(views, [by_id[i] for i in ids], [r["box"] for r in rows], [gt[i] for i in ids], titles)

@@ -120,7 +120,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 with open(os.path.join(folder, MODEL_FILE), "wb") as f:
                     f.write(checkpoint_bytes(model, cfg.model, cfg.data.image_size, class_names,
                                              extra={"epoch": epoch, "loss": cfg.train.loss.name,
-                                                    "resize": cfg.data.resize},
+                                                    "resize": cfg.data.input_resize()},
                                              objective=objective))
                 ckpt = ray.train.Checkpoint.from_directory(folder)
                 log.info("epoch %d: loss %.4f, %.1f images/s", epoch, record["loss"], record["images_per_s"])

@@ -9,6 +9,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dml_ray.metrics.localization import (
+    PAPER_THRESHOLDS,
     LocalizationCounter,
     all_component_boxes,
     box_iou,
@@ -18,6 +19,7 @@ from dml_ray.metrics.localization import (
     choose_threshold,
     largest_component_boxes,
     minmax_normalise,
+    mode_threshold_grid,
     per_image_results,
     resized_size,
     score_maps,
@@ -380,3 +382,230 @@ def test_multiple_and_padded_ground_truth_boxes() -> None:
                    [[2.0, 2.0, 2.0, 5.0], [np.nan] * 4, [np.nan] * 4]])
     _, ious, _ = per_image_results(np.stack([m, m]), gt, [0.5])
     np.testing.assert_allclose(ious, [[1.0], [0.0]])
+
+
+# ---------------------------------------------------------------- fidelity (issue 14) and the one-pass sweep (issue 16)
+
+
+def test_constant_map_is_decided_before_upsampling() -> None:
+    # A constant 7 x 7 map upsampled to 20 x 20 (not a whole multiple) carries float ripples (~6e-8 bilinear
+    # in float32, ~1e-15 bicubic in float64) that an exact span == 0 test misses and would stretch to
+    # [0, 1]; wsolevaluation sees cv2's exact constant and gives zeros. Both modes must give zeros.
+    constant = np.full((1, 7, 7), 0.3)
+    for mode in ("paper", "wsol"):
+        assert (score_maps(constant, 20, mode) == 0).all(), mode
+    gt = np.array([[0.0, 0.0, 10.0, 10.0]])
+    boxes, _, _ = per_image_results(constant, gt, [0.5], input_size=20)
+    assert boxes[0, 0].tolist() == [0, 0, 0, 0]  # no evidence: empty mask above t = 0
+    boxes, _, _ = per_image_results(constant, gt, [0.5], input_size=20, mode="wsol")
+    assert boxes[0, 0].tolist() == [0, 0, 0, 0]
+
+
+def test_paper_mode_counts_iou_greater_than_half() -> None:
+    # Box (0, 0, 2, 4) (8 px) against ground truth (0, 0, 4, 4) (16 px): IoU exactly 0.5. TIP Sec. VI-A:
+    # correct when IoU is *greater than* 0.5, so not correct; wsolevaluation (>=) and the option count it.
+    m = blank()
+    m[0:4, 0:2] = 1.0
+    gt = np.array([[0.0, 0.0, 4.0, 4.0]])
+    _, ious, correct = per_image_results(m[None], gt, [0.5])
+    assert ious[0, 0] == 0.5 and not correct[0, 0]
+    assert per_image_results(m[None], gt, [0.5], iou_rule="at_least")[2][0, 0]
+    counter = LocalizationCounter([0.5])
+    counter.accumulate(m[None], gt, correct_class_mask=np.array([True]))
+    result = counter.compute()
+    assert result["accuracy"].tolist() == [0.0]
+    assert result["maxboxacc_v2_per_iou"][0.5] == 1.0  # MaxBoxAccV2 keeps Choe et al.'s >=
+    assert result["top1_loc_error"] == 0.0  # dist-cam: wrong only when IoU is lower than 0.5
+    with pytest.raises(ValueError, match="wsolevaluation"):
+        LocalizationCounter([0.5], mode="wsol", iou_rule="greater")
+
+
+def test_paper_mode_normalises_by_relu_then_max() -> None:
+    # 1 x 4 map [-1, 0, 0.2, 1]. The authors: ReLU then / max -> [0, 0, 0.2, 1]; at t = 0.5 only x = 3.
+    # Min-max -> [0, 0.5, 0.6, 1]: negative evidence lifts x = 1..2 over the threshold.
+    m = np.array([[[-1.0, 0.0, 0.2, 1.0]]])
+    np.testing.assert_allclose(score_maps(m)[0, 0], [0.0, 0.0, 0.2, 1.0])
+    np.testing.assert_allclose(score_maps(m, normalise="minmax")[0, 0], [0.0, 0.5, 0.6, 1.0])
+    gt = np.array([[3.0, 0.0, 4.0, 1.0]])
+    boxes, ious, _ = per_image_results(m, gt, [0.5])
+    assert boxes[0, 0].tolist() == [3, 0, 4, 1] and ious[0, 0] == 1.0
+    assert per_image_results(m, gt, [0.5], normalise="minmax")[0][0, 0].tolist() == [1, 0, 4, 1]
+    # The authors normalise at map resolution, then upsample: 1 x 2 [-1, 1] -> [0, 1] -> 1 x 4 bilinear.
+    np.testing.assert_allclose(score_maps(np.array([[[-1.0, 1.0]]]), (1, 4))[0, 0], [0.0, 0.25, 0.75, 1.0])
+    assert (score_maps(np.array([[[-2.0, -1.0]]])) == 0).all()  # no positive evidence at all
+
+
+def test_mode_grids() -> None:
+    # wsolevaluation's cam_curve_interval default is 0.001; the paper grid always holds Table I's thresholds.
+    assert LocalizationCounter(mode="wsol").thresholds.size == 1000
+    np.testing.assert_array_equal(LocalizationCounter().thresholds, threshold_grid(0.01))
+    coarse = mode_threshold_grid("paper", 0.02)
+    assert coarse.size == 51 and np.isclose(coarse, 0.15).sum() == 1 and (np.diff(coarse) > 0).all()
+    assert all(np.isclose(coarse, t).any() for t in PAPER_THRESHOLDS)
+    assert mode_threshold_grid("wsol", 0.02).size == 50  # wsol: the grid as wsolevaluation builds it
+    assert LocalizationCounter(coarse).threshold_index(0.15) == 8
+
+
+def test_pipeline_grid_and_threshold_column() -> None:
+    from dml_ray.config import LocalizeConfig
+    from dml_ray.io.schemas import METRICS_SCHEMA
+    from pipelines.localize import _counters, metrics_rows
+
+    holdout, rest = _counters(LocalizeConfig(threshold_interval=0.02), 6)
+    assert np.isclose(holdout.thresholds, 0.15).any()
+    assert _counters(LocalizeConfig(mode="wsol"), 6)[0].thresholds.size == 1000
+    assert METRICS_SCHEMA.field("threshold").nullable
+    # A 0.005 grid: 200 thresholds, which threshold x 100 in ``k`` collapsed into 101 values.
+    grid = threshold_grid(0.005)
+    maps, gt = three_maps()
+    counters = []
+    for part in (slice(0, 1), slice(1, 3)):
+        counter = LocalizationCounter(grid)
+        counter.accumulate(maps[part], gt[part])
+        counters.append(counter)
+    rows = metrics_rows({("test", "neighbor", "decomposition"): tuple(counters)}, "r").to_pylist()
+    curve = [r for r in rows if r["metric"].startswith("loc_acc/")]
+    assert len(curve) == 200 and len({r["threshold"] for r in curve}) == 200
+    np.testing.assert_allclose(sorted(r["threshold"] for r in curve), grid)
+    assert all(r["k"] is None for r in curve)
+    assert all(r["threshold"] is None for r in rows if not r["metric"].startswith("loc_acc/"))
+
+
+def test_metrics_views_with_and_without_the_threshold_column(tmp_path) -> None:
+    import pyarrow as pa
+
+    from dml_ray.io.query import connect
+    from dml_ray.io.tables import read_table, staging_uri, table_uri, write_table
+
+    root = str(tmp_path)
+    old = pa.table({"run_id": ["r"], "stage": ["evaluate"], "split": ["test"], "metric": ["recall"],
+                    "k": pa.array([1], pa.int32()), "value": [0.5]})  # a part written before the column
+    write_table(old, table_uri(root, "r", "metrics", "evaluate"), staging_uri(root, "r", "metrics", "evaluate"))
+    from pipelines.localize import metrics_rows
+
+    maps, gt = three_maps()
+    pair = LocalizationCounter([0.3, 0.35]), LocalizationCounter([0.3, 0.35])
+    pair[0].accumulate(maps[:1], gt[:1])
+    pair[1].accumulate(maps[1:], gt[1:])
+    new = metrics_rows({("test", "neighbor", "decomposition"): pair}, "r")
+    write_table(new, table_uri(root, "r", "metrics", "localize"), staging_uri(root, "r", "metrics", "localize"))
+    con, _ = connect(root, "r")
+    thresholds = con.sql("SELECT threshold FROM metrics WHERE metric LIKE 'loc_acc/%' ORDER BY threshold").fetchall()
+    np.testing.assert_allclose([t for (t,) in thresholds], [0.3, 0.35])
+    assert con.sql("SELECT threshold FROM metrics WHERE metric = 'recall'").fetchall() == [(None,)]
+    table = read_table(table_uri(root, "r", "metrics"))
+    assert table.num_rows == 1 + new.num_rows and table.column("threshold").null_count == table.num_rows - 2
+
+
+def test_wsol_frame_is_resize_without_crop() -> None:
+    # wsolevaluation evaluates on Resize((224, 224)) with no crop; mode wsol takes that frame by default.
+    from dml_ray.config import DataConfig, RunConfig
+    from dml_ray.data.transforms import display_view
+    from PIL import Image
+
+    cfg = RunConfig(localize={"mode": "wsol"}, data={"resize": 256, "image_size": 224})
+    assert cfg.data.frame == "resize" and cfg.data.input_resize() == (224, 224)
+    assert RunConfig().data.frame == "resize_crop" and RunConfig().data.input_resize() == 256
+    # A 400 x 300 image: x scales by 224 / 400, y by 224 / 300, nothing cropped.
+    box = box_to_input_frame([100.0, 50.0, 200.0, 100.0], (400, 300), cfg.data.input_resize(), cfg.data.image_size)
+    np.testing.assert_allclose(box, [56.0, 50 * 224 / 300, 168.0, 150 * 224 / 300])
+    pixels = np.zeros((300, 400, 3), dtype=np.uint8)
+    pixels[:, :4] = 255  # a stripe at the left edge survives (a centre crop of the resize frame would cut it)
+    view = display_view(Image.fromarray(pixels), cfg.data.input_resize(), cfg.data.image_size).numpy()
+    assert view.shape == (224, 224, 3) and view[112, 0, 0] > 200
+    assert DataConfig(frame="resize", resize=256, image_size=64).input_resize() == (64, 64)
+
+
+def _naive_largest_and_all(m: np.ndarray, thresholds: np.ndarray) -> tuple[list, list]:
+    largest, every = [], []
+    for thr in thresholds:
+        labels, count = ndimage.label(m >= thr, structure=np.ones((3, 3)))
+        boxes = [[sl[1].start, sl[0].start, sl[1].stop, sl[0].stop] for sl in ndimage.find_objects(labels)]
+        if count == 0:
+            largest.append([0, 0, 0, 0])
+            every.append([[0, 0, 0, 0]])
+            continue
+        largest.append(boxes[int(np.argmax(np.bincount(labels.ravel())[1:]))])
+        every.append(sorted(boxes))
+    return largest, every
+
+
+def test_one_pass_sweep_equals_per_threshold_labelling() -> None:
+    rng = np.random.default_rng(11)
+    plateau = np.zeros((12, 15))
+    plateau[2:6, 2:6] = 0.5
+    plateau[7:11, 8:12] = 0.5  # two equal plateaus: a size tie, the first in raster order wins
+    plateau[3, 3] = 1.0
+    ties = np.zeros((9, 9))
+    ties[0:3, 6:9] = 1.0  # 9 px, first in raster order
+    ties[6:9, 0:3] = 1.0  # 9 px, later
+    ties[4, 4] = 0.7  # a lone pixel two steps from both blocks: a third component, never joined
+    blobs = np.zeros((16, 16))
+    for y, x, r in ((3, 3, 2), (3, 12, 3), (12, 5, 2), (11, 12, 1)):
+        yy, xx = np.mgrid[0:16, 0:16]
+        blobs = np.maximum(blobs, np.clip(1 - np.hypot(yy - y, xx - x) / (r + 1), 0, None))
+    maps = [rng.random((10, 11)), np.round(rng.random((13, 9)) * 4) / 4, plateau, ties, blobs,
+            ndimage.gaussian_filter(rng.random((17, 19)), 1.0), np.zeros((5, 5))]
+    thresholds = np.concatenate([np.linspace(0, 1, 21), [0.5, 0.15, 1.2]])  # unsorted, duplicate, above max
+    for m in maps:
+        m = m.astype(np.float32)
+        expected_largest, expected_all = _naive_largest_and_all(m, thresholds)
+        assert largest_component_boxes(m[None], thresholds)[0].tolist() == expected_largest
+        comps = all_component_boxes(m[None], thresholds)
+        for t in range(thresholds.size):
+            assert sorted(comps.boxes[comps.threshold_index == t].tolist()) == expected_all[t]
+
+
+def _wsol_largest_per_threshold(score: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """wsolevaluation's scoremap2bbox, one threshold at a time with OpenCV (largest contour only)."""
+    import cv2
+
+    u8 = (score * 255).astype(np.uint8)
+    out = []
+    for t in thresholds:
+        _, mask = cv2.threshold(u8, int(t * np.max(u8)), 255, cv2.THRESH_BINARY)
+        contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+        if not contours:
+            out.append([0, 0, 0, 0])
+            continue
+        x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea))
+        out.append([x, y, min(x + w, score.shape[1] - 1), min(y + h, score.shape[0] - 1)])
+    return np.array(out)
+
+
+def test_opencv_and_emulated_contours_agree() -> None:
+    from dml_ray.metrics.localization.wsol import _wsol_image_boxes, cv2
+
+    if cv2 is None:
+        pytest.fail("opencv-python-headless is a dependency; install it")
+    rng = np.random.default_rng(5)
+    grid = np.arange(0, 1, 0.05)
+    for i in range(60):
+        h, w = rng.integers(3, 24, 2)
+        m = [rng.random((h, w)), ndimage.gaussian_filter(rng.random((h, w)), 1.5),
+             np.round(rng.random((h, w)) * 3) / 3][i % 3]
+        m = minmax_normalise(m[None])[0]
+        opencv, emulated = _wsol_image_boxes(m, grid, use_opencv=True), _wsol_image_boxes(m, grid, use_opencv=False)
+        np.testing.assert_array_equal(opencv[0], emulated[0])
+        fine = mode_threshold_grid("wsol")  # 1,000 thresholds, each cut once only where the mask changes
+        np.testing.assert_array_equal(_wsol_image_boxes(m, fine)[0], _wsol_largest_per_threshold(m, fine))
+        for t in range(grid.size):
+            assert sorted(opencv[1][opencv[2] == t].tolist()) == sorted(emulated[1][emulated[2] == t].tolist())
+    for case in (UNIMODAL, MULTIMODAL):
+        for use_opencv in (True, False):
+            np.testing.assert_array_equal(_wsol_image_boxes(case, STEP_02, use_opencv)[0],
+                                          wsol_largest_contour_boxes(case[None], STEP_02)[0])
+
+
+def test_centre_baseline_keeps_its_peak_under_relu_max() -> None:
+    # The centred-box baseline was -distance^2 (all <= 0): ReLU-then-max made it all zeros, i.e. the whole
+    # frame at t = 0 and nothing above. It must stay a centred peak under both normalisations.
+    from pipelines.localize import baseline_maps
+
+    maps = baseline_maps(["a", "b"], (7, 7), seed=0)
+    for normalise in ("relu_max", "minmax"):
+        centre = score_maps(maps["baseline_center"], normalise=normalise)
+        assert centre[0, 3, 3] == 1.0 and centre[0, 0, 0] == 0.0, normalise
+        assert largest_component_boxes(centre, [0.75])[0, 0].tolist() == [1, 1, 6, 6]  # distance^2 <= 4.5
+        random = score_maps(maps["baseline_random"], normalise=normalise)
+        assert random.max() == 1.0 and random.min() >= 0.0

@@ -11,6 +11,7 @@ from dml_ray.cli import main
 from dml_ray.data.batches import decode_batch, fetch_bytes
 from dml_ray.io.schemas import embeddings_schema, feature_maps_schema
 from dml_ray.io.tables import committed_files, read_table, table_uri
+from dml_ray.metrics.localization import mode_threshold_grid
 from dml_ray.metrics.retrieval import evaluate_retrieval
 from dml_ray.models.embedding import build_model
 from pipelines.run import run_pipeline
@@ -148,7 +149,7 @@ def test_explain_cli_draws_the_pair_figure_and_saves_arrays(demo_run, tmp_path, 
 
 def _localize_metrics(cfg, split: str) -> dict[str, float]:
     metrics = read_table(table_uri(cfg.output_root, "t", "metrics", "localize")).to_pylist()
-    return {r["metric"]: r["value"] for r in metrics if r["k"] is None and r["split"] == split}
+    return {r["metric"]: r["value"] for r in metrics if r["threshold"] is None and r["split"] == split}
 
 
 def test_localization_rows_and_decomposition_beats_baselines(demo_run):
@@ -156,7 +157,7 @@ def test_localization_rows_and_decomposition_beats_baselines(demo_run):
     loc = read_table(table_uri(cfg.output_root, "t", "localization"))
     maps = read_table(table_uri(cfg.output_root, "t", "activation_maps"), columns=["image_id"])
     n_images = len(set(maps.column("image_id").to_pylist()))
-    n_thresholds = len(np.arange(0, 1, cfg.localize.threshold_interval))
+    n_thresholds = len(mode_threshold_grid(cfg.localize.mode, cfg.localize.threshold_interval))
     n_series = len(cfg.explain.references) * len(cfg.explain.methods) + 2  # + random and centred baselines
     keys = set(zip(*(loc.column(c).to_pylist() for c in ("image_id", "method", "reference_kind", "threshold"))))
     assert len(keys) == loc.num_rows == n_images * n_series * n_thresholds

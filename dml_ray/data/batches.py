@@ -4,6 +4,7 @@ Each step records a per-row ``error`` instead of raising, so one bad file never 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -36,7 +37,7 @@ def fetch_bytes(batch: pa.Table, storage_options: Optional[dict] = None) -> pa.T
     return batch.append_column("bytes", data).append_column("error", errors)
 
 
-def decode_batch(batch: pa.Table, resize: int, image_size: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: pa.Table, resize: int | Sequence[int], image_size: int) -> dict[str, np.ndarray]:
     """Decode and transform ``bytes`` into an N x 3 x S x S float32 ``image`` array; failures go to ``error``.
 
     Rows that fail keep a zero image and their error text; the ``bytes`` column is dropped.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -18,8 +19,9 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
-def eval_transform(resize: int, image_size: int) -> v2.Compose:
-    """Deterministic inference transform: resize shorter side to ``resize``, center crop ``image_size``."""
+def eval_transform(resize: int | Sequence[int], image_size: int) -> v2.Compose:
+    """Deterministic inference transform: resize shorter side to ``resize`` (or to exactly (h, w) when it is
+    a pair, ``DataConfig.input_resize``), center crop ``image_size``."""
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(resize, antialias=True),
@@ -29,7 +31,7 @@ def eval_transform(resize: int, image_size: int) -> v2.Compose:
     ])
 
 
-def display_view(image: Image.Image, resize: int, image_size: int) -> torch.Tensor:
+def display_view(image: Image.Image, resize: int | Sequence[int], image_size: int) -> torch.Tensor:
     """The model's input frame as uint8 H x W x 3 pixels (resize + center crop, no normalisation)."""
     view = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
     return view(image).permute(1, 2, 0)

@@ -34,6 +34,8 @@ METRICS_SCHEMA = pa.schema(
         ("metric", pa.string()),
         ("k", pa.int32()),
         ("value", pa.float64()),
+        # the map threshold of a per-threshold localization row (loc_acc); null on every other row
+        ("threshold", pa.float64()),
     ]
 )
 

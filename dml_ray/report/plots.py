@@ -56,19 +56,20 @@ def run_summary_png(metrics: pa.Table, title: str) -> bytes:
 
 
 def localization_curves_png(metrics: pa.Table, title: str) -> bytes:
-    """PNG: localization accuracy (IoU >= 0.5) against the map threshold, one line per method and reference
+    """PNG: localization accuracy (IoU criterion 0.5) against the map threshold, one line per method and reference
     (activation-decomposition-tip2021 Table I as a plot)."""
     rows = [r for r in metrics.to_pylist() if r["stage"] == "localize" and r["metric"].startswith("loc_acc/")]
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        curves.setdefault(r["metric"].split("/", 1)[1], []).append((r["k"] / 100, r["value"]))
+        threshold = r["threshold"] if r.get("threshold") is not None else r["k"] / 100  # runs before the column
+        curves.setdefault(r["metric"].split("/", 1)[1], []).append((threshold, r["value"]))
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for name, points in sorted(curves.items()):
         points.sort()
         style = ":" if name.startswith("none/") else "-"
         ax.plot(*zip(*points), style, label=name.replace("none/", ""), linewidth=1.6)
-    ax.set_xlabel("map threshold (after min-max normalisation)")
-    ax.set_ylabel("localization accuracy (IoU >= 0.5)")
+    ax.set_xlabel("map threshold (normalised map)")
+    ax.set_ylabel("localization accuracy (IoU criterion 0.5)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
