@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 import ray
 
 from dml_ray.config import DataConfig, LocalizeConfig
-from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.schemas import LOCALIZATION_SCHEMA, METRICS_SCHEMA
-from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri
+from dml_ray.io.run import Run
 from dml_ray.metrics.localization import LocalizationCounter, box_to_input_frame, choose_threshold, mode_threshold_grid
 
 log = logging.getLogger(__name__)
@@ -127,12 +126,12 @@ def _accumulate(counters, key, ids, values, gt, class_ok, cfg, size, run_id) -> 
 
 
 @ray.remote(num_cpus=1)
-def _localize_shard(files: list[str], shard: int, gt, labels, splits, cfg, size, run_id, staging, storage_options,
+def _localize_shard(run: Run, files: list[str], shard: int, gt, labels, splits, cfg, size, staging,
                     baseline_ids: Optional[list[str]], grid: Optional[tuple[int, int]]):
-    fs, path = url_to_fs(staging, storage_options)
+    run_id = run.run_id
     tables = []
     for f in files:
-        with fs.open(f, "rb") as handle:
+        with run.fs.open(f, "rb") as handle:
             tables.append(pq.read_table(handle, columns=["image_id", "reference_id", "reference_kind", "method",
                                                          "map_h", "map_w", "map"]))
     maps = pa.concat_tables(tables) if tables else None
@@ -143,9 +142,7 @@ def _localize_shard(files: list[str], shard: int, gt, labels, splits, cfg, size,
         ids = [i for i in baseline_ids if splits[i] == split]
         for method, values in baseline_maps(ids, grid, cfg.seed).items():
             parts.append(_accumulate(counters, (split, "none", method), ids, values, gt, None, cfg, size, run_id))
-    pafs, papath = pyarrow_fs(staging, storage_options)
-    pafs.create_dir(papath, recursive=True)
-    pq.write_table(pa.concat_tables(parts), f"{papath}/part-{shard:05d}.parquet", filesystem=pafs)
+    run.write_part(staging, pa.concat_tables(parts), shard)
     return counters
 
 
@@ -176,37 +173,34 @@ def metrics_rows(counters: dict[Key, tuple], run_id: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
 
 
-def run_localize(output_root: str, run_id: str, data: DataConfig, cfg: LocalizeConfig,
-                 storage_options: Optional[dict] = None) -> LocalizeResult:
+def run_localize(run: Run, data: DataConfig, cfg: LocalizeConfig) -> LocalizeResult:
     """Commit the ``localization`` table; return the ``metrics`` rows (stage localize)."""
     start = time.perf_counter()
-    so = storage_options
-    images = read_table(table_uri(output_root, run_id, "images"), so)
+    images = run.read("images")
     gt = ground_truth(images, data)
     if not gt:
         raise ValueError("localize: no image has a bounding box")
     labels = dict(zip(images.column("image_id").to_pylist(), images.column("label").to_pylist()))
     splits = dict(zip(images.column("image_id").to_pylist(), images.column("split").to_pylist()))
-    maps_uri = table_uri(output_root, run_id, "activation_maps")
-    files = committed_files(maps_uri, so)
-    ids_grid = read_table(maps_uri, so, columns=["image_id", "map_h", "map_w", "method"])
+    files = run.files("activation_maps")
+    ids_grid = run.read("activation_maps", columns=["image_id", "map_h", "map_w", "method"])
     ids_grid = ids_grid.filter(pc.not_equal(ids_grid.column("method"), "point_to_point"))
     explained = sorted(set(ids_grid.column("image_id").to_pylist()) & set(gt))
     grid = (ids_grid.column("map_h")[0].as_py(), ids_grid.column("map_w")[0].as_py())
     n_shards = max(1, min(cfg.shards, len(files)))
-    staging = staging_uri(output_root, run_id, "localization")
+    staging = run.staging("localization")
     refs = ray.put(gt), ray.put(labels), ray.put(splits)
     futures = []
     for shard in range(n_shards):
         baseline_ids = explained[shard::n_shards] if cfg.baselines else None
-        futures.append(_localize_shard.remote(files[shard::n_shards], shard, *refs, cfg, data.image_size, run_id,
-                                              staging, so, baseline_ids, grid))
+        futures.append(_localize_shard.remote(run, files[shard::n_shards], shard, *refs, cfg, data.image_size,
+                                              staging, baseline_ids, grid))
     merged: dict[Key, tuple] = {}
     for counters in ray.get(futures):
         for key, (h, r) in counters.items():
             merged[key] = (h, r) if key not in merged else (merged[key][0].merge(h), merged[key][1].merge(r))
-    metrics = metrics_rows(merged, run_id)
-    marker = commit_table(staging, table_uri(output_root, run_id, "localization"), so, replace=True)
+    metrics = metrics_rows(merged, run.run_id)
+    marker = run.commit("localization", staging, replace=True)
     seconds = time.perf_counter() - start
     log.info("localize: %d rows, %d metric rows in %.1f s", marker["rows"], metrics.num_rows, seconds)
     return LocalizeResult(marker["rows"], metrics, seconds)

@@ -183,7 +183,7 @@ def _stage_explain(cfg: RunConfig, run: Run) -> dict:
 
 
 def _stage_localize(cfg: RunConfig, run: Run) -> dict:
-    result = run_localize(cfg.output_root, cfg.run_id, cfg.data, cfg.localize, run.storage_options)
+    result = run_localize(run, cfg.data, cfg.localize)
     run.commit("metrics", result.metrics, part="localize")
     return {"rows": result.rows}
 

@@ -119,3 +119,17 @@ def test_run_ids_are_names_not_paths(root, capsys, tmp_path):
         assert code == 2 and "42" not in out, (run, out)
         assert err.strip().splitlines() == [f"dml-ray: error: run id {run!r} is not a name: use letters, digits, '.', "
                                             "'_' and '-', starting with a letter or digit (at most 128 characters)"]
+
+
+def test_half_float_columns_are_queryable(root, capsys):
+    """feature_maps stores fp16 lists, which DuckDB cannot take from Arrow as they are: the views read them as
+    float32 (this failed every query of a run with feature maps)."""
+    maps = pa.array([[1.5, -2.0, 0.25], [0.5]], pa.list_(pa.float16()))
+    write_table(pa.table({"image_id": ["a", "b"], "feature_map": maps}), table_uri(root, "r1", "feature_maps"),
+                staging_uri(root, "r1", "feature_maps"))
+    code, out, err = _query(root, "SELECT image_id, list_sum(feature_map) AS s FROM feature_maps ORDER BY image_id",
+                            capsys)
+    assert code == 0, err
+    assert out.splitlines()[1:] == ["a,-0.25", "b,0.5"]
+    code, out, _ = _query(root, "SELECT count(*) AS n FROM embeddings", capsys)
+    assert code == 0 and out.splitlines()[1] == "3"

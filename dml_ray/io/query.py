@@ -57,11 +57,24 @@ def _ident(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
+def _duckdb_type(dtype: pa.DataType) -> pa.DataType:
+    """``dtype`` with float16 widened to float32 at any list depth: DuckDB has no half-float (feature_maps)."""
+    if pa.types.is_float16(dtype):
+        return pa.float32()
+    if pa.types.is_fixed_size_list(dtype):
+        return pa.list_(_duckdb_type(dtype.value_type), dtype.list_size)
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return pa.list_(_duckdb_type(dtype.value_type))
+    return dtype
+
+
 def _run_dataset(run: Run, name: str) -> pads.Dataset:
-    """The checked files of one run's table as one Arrow dataset (schemas of the parts unified)."""
+    """The checked files of one run's table as one Arrow dataset (schemas of the parts unified; half floats
+    read as float32)."""
     files = checked_files(run.table_uri(name), run.storage_options)
     fs, _ = run.pyarrow_fs(run.output_root)
-    schema = pa.unify_schemas([f.schema for f in files], promote_options="permissive")
+    unified = pa.unify_schemas([f.schema for f in files], promote_options="permissive")
+    schema = pa.schema([f.with_type(_duckdb_type(f.type)) for f in unified])
     return pads.dataset([f.path for f in files], schema=schema, format="parquet", filesystem=fs)
 
 
