@@ -59,11 +59,27 @@ def _ident(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
+def _duckdb_type(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with float16 (feature maps) widened to float32: DuckDB's Arrow scan has no half floats."""
+    if pa.types.is_float16(arrow_type):
+        return pa.float32()
+    if pa.types.is_fixed_size_list(arrow_type):
+        return pa.list_(_duckdb_type(arrow_type.value_type), arrow_type.list_size)
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(_duckdb_type(arrow_type.value_type))
+    if pa.types.is_list(arrow_type):
+        return pa.list_(_duckdb_type(arrow_type.value_type))
+    if pa.types.is_struct(arrow_type):
+        return pa.struct([f.with_type(_duckdb_type(f.type)) for f in arrow_type])
+    return arrow_type
+
+
 def _run_dataset(uri: str, storage_options: Optional[dict]) -> pads.Dataset:
     """The checked files of one run's table as one Arrow dataset (schemas of the parts unified)."""
     files = checked_files(uri, storage_options)
     fs, _ = pyarrow_fs(uri, storage_options)
     schema = pa.unify_schemas([f.schema for f in files], promote_options="permissive")
+    schema = pa.schema([f.with_type(_duckdb_type(f.type)) for f in schema], metadata=schema.metadata)
     return pads.dataset([f.path for f in files], schema=schema, format="parquet", filesystem=fs)
 
 
