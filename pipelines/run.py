@@ -18,11 +18,11 @@ from dml_ray.io.fs import join, url_to_fs
 from dml_ray.io.lock import output_lock
 from dml_ray.io.schemas import METRICS_SCHEMA
 from dml_ray.io.tables import (
+    advance_latest,
+    clean_staging,
     is_committed,
     read_table,
     run_uri,
-    advance_latest,
-    clean_staging,
     staging_uri,
     table_uri,
     update_manifest,
