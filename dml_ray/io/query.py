@@ -57,15 +57,19 @@ def _ident(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-def _duckdb_type(dtype: pa.DataType) -> pa.DataType:
-    """``dtype`` with float16 widened to float32 at any list depth: DuckDB has no half-float (feature_maps)."""
-    if pa.types.is_float16(dtype):
+def _duckdb_type(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with float16 (feature maps) widened to float32: DuckDB's Arrow scan has no half floats."""
+    if pa.types.is_float16(arrow_type):
         return pa.float32()
-    if pa.types.is_fixed_size_list(dtype):
-        return pa.list_(_duckdb_type(dtype.value_type), dtype.list_size)
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-        return pa.list_(_duckdb_type(dtype.value_type))
-    return dtype
+    if pa.types.is_fixed_size_list(arrow_type):
+        return pa.list_(_duckdb_type(arrow_type.value_type), arrow_type.list_size)
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(_duckdb_type(arrow_type.value_type))
+    if pa.types.is_list(arrow_type):
+        return pa.list_(_duckdb_type(arrow_type.value_type))
+    if pa.types.is_struct(arrow_type):
+        return pa.struct([f.with_type(_duckdb_type(f.type)) for f in arrow_type])
+    return arrow_type
 
 
 def _run_dataset(run: Run, name: str) -> pads.Dataset:
@@ -73,8 +77,8 @@ def _run_dataset(run: Run, name: str) -> pads.Dataset:
     read as float32)."""
     files = checked_files(run.table_uri(name), run.storage_options)
     fs, _ = run.pyarrow_fs(run.output_root)
-    unified = pa.unify_schemas([f.schema for f in files], promote_options="permissive")
-    schema = pa.schema([f.with_type(_duckdb_type(f.type)) for f in unified])
+    schema = pa.unify_schemas([f.schema for f in files], promote_options="permissive")
+    schema = pa.schema([f.with_type(_duckdb_type(f.type)) for f in schema], metadata=schema.metadata)
     return pads.dataset([f.path for f in files], schema=schema, format="parquet", filesystem=fs)
 
 
