@@ -37,6 +37,7 @@ from dml_ray.explain import (
     similarity_gradients,
     upsample_map,
 )
+from dml_ray.explain.batch import reference_maps
 from dml_ray.models.heads import EmbeddingHead
 from tests.heads import random_eval_head
 
@@ -135,6 +136,24 @@ def test_rgrad_cam_no_norm_is_z_times_decomposition_bias(name):
     torch.testing.assert_close(rgrad_cam(a_q, grads.query), z * decomposition_bias_map(e_q, raw_q, raw_r), **TIGHT)
     torch.testing.assert_close(rgrad_cam(a_r, grads.reference), z * decomposition_bias_map(e_r, raw_r, raw_q),
                                **TIGHT)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_rgrad_cam_method_equals_decomposition_bias_exactly(name):
+    # Sec. V and the authors' code: RGrad-CAM differentiates the product E^q . E^r with the normaliser
+    # Z held constant (no GAP step, no gradient through the L2 normalisation), so the RGrad-CAM map IS
+    # the Decomposition+Bias map, on both images of a pair, not Z times it and not its projection
+    head = make_head(name)
+    a_q, a_r = make_maps(name)
+    (e_q, _, raw_q), (e_r, b_r, raw_r) = decompose(head, a_q), decompose(head, a_r)
+    grads = similarity_gradients(head, a_q, feature_map_r=a_r, score="product")
+    torch.testing.assert_close(grads.score, F.cosine_similarity(raw_q, raw_r), **TIGHT)
+    torch.testing.assert_close(rgrad_cam(a_q, grads.query), decomposition_bias_map(e_q, raw_q, raw_r), **TIGHT)
+    torch.testing.assert_close(rgrad_cam(a_r, grads.reference), decomposition_bias_map(e_r, raw_r, raw_q), **TIGHT)
+    # the batched stage's method "rgradcam" (references given as vectors) is the same map
+    maps, scores = reference_maps(head, a_q, raw_r, b_r, gap_feature(a_r), ["rgradcam", "decomposition_bias"])
+    torch.testing.assert_close(maps["rgradcam"], maps["decomposition_bias"], **TIGHT)
+    torch.testing.assert_close(scores, F.cosine_similarity(raw_q, raw_r), **TIGHT)
 
 
 @pytest.mark.parametrize("name", HEADS)
