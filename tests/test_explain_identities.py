@@ -261,6 +261,31 @@ def test_dist_cam_weights_are_a_normalised_reciprocal_of_channel_distances():
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
 
 
+def test_dist_cam_leaves_channels_dead_in_both_images_out_of_the_normalisation():
+    # a channel that is zero in the query and in the reference carries no evidence: Eq. 4-6 over the
+    # live channels alone, not a 1 / eps weight that shrinks every other weight a millionfold
+    g = torch.Generator().manual_seed(3)
+    a_q = torch.relu(torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64) + 0.5)
+    gap_ref = torch.rand(3, 8, generator=g, dtype=torch.float64)
+    dead = [1, 5]
+    a_q[:, dead] = 0.0
+    gap_ref[:, dead] = 0.0
+    live = [k for k in range(8) if k not in dead]
+    d = (gap_feature(a_q)[:, live] - gap_ref[:, live]).abs()
+    w_live = (1 / d) / (1 / d).sum(1, keepdim=True)
+    w = dist_cam_weights(gap_feature(a_q), gap_ref)
+    torch.testing.assert_close(w[:, live], w_live, **TIGHT)
+    assert (w[:, dead] == 0).all()
+    expected = torch.einsum("bchw,bc->bhw", a_q[:, live], w_live)
+    torch.testing.assert_close(dist_cam(a_q, gap_ref), expected, **TIGHT)
+    # a channel zero in the query only (or in the reference only) is evidence and keeps its weight
+    a_q[0, 2], gap_ref[1, 3] = 0.0, 0.0
+    w = dist_cam_weights(gap_feature(a_q), gap_ref)
+    assert (w[0, 2] > 0) and (w[1, 3] > 0)
+    # every channel dead: an all-zero map, not nan
+    assert (dist_cam(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3)) == 0).all()
+
+
 def test_class_activation_map_averages_to_the_logit_of_a_gap_classifier():
     torch.manual_seed(0)
     classifier = nn.Linear(C, 3).double()
