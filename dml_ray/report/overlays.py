@@ -18,14 +18,24 @@ METHOD_TITLES = {"decomposition": "Decomposition", "decomposition_bias": "Decomp
 
 
 def to_pixels(activation: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A feature-grid map bilinearly upsampled to ``size`` and min-max normalised to [0, 1]."""
-    up = upsample_map(torch.from_numpy(np.asarray(activation, dtype=np.float32)), size).numpy()
-    lo, hi = up.min(), up.max()
-    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+    """The one display rule of every painted map: ReLU, divide by the maximum, bilinear upsampling to ``size``.
+
+    What activation-decomposition-tip2021's figures and the authors' code show (``max(map, 0) / max``):
+    positive evidence in [0, 1] with the peak at 1; negative evidence and zero are both 0, so a signed
+    map's negative regions are never painted as weak positive (min-max stretching did). The sign is
+    decided on the feature grid, before upsampling, so interpolation ripples of a zero or negative map
+    never become a full-scale stretch. A map without positive values shows nothing (all 0).
+    """
+    grid = np.maximum(np.asarray(activation, dtype=np.float32), 0.0)
+    peak = float(grid.max()) if grid.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return np.zeros(size, dtype=np.float32)
+    up = np.clip(upsample_map(torch.from_numpy(grid / peak), size).numpy(), 0.0, None)
+    return up / up.max()
 
 
 def overlay(ax, image: np.ndarray, activation: Optional[np.ndarray], title: str = "") -> None:
-    """Draw ``image`` with ``activation`` (feature-grid resolution) as a translucent heat map."""
+    """Draw ``image`` with ``activation`` (feature-grid resolution) as a translucent heat map (``to_pixels``)."""
     ax.imshow(image)
     if activation is not None:
         ax.imshow(to_pixels(activation, image.shape[:2]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
