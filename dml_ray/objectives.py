@@ -86,6 +86,10 @@ class DeMLObjective(nn.Module):
         self.adversaries = nn.ModuleList(nn.Linear(learner_dim, learner_dim, bias=False)
                                          for _ in range(cfg.scales if with_adversary else 0))
 
+    def head_rate_parameters(self) -> list[nn.Parameter]:
+        """None: the adversaries learn at the base rate (Sec. 4 gives the 10x rate to the learners only)."""
+        return []
+
     def forward(self, output, labels: torch.Tensor) -> ObjectiveOutput:
         learners = output.learners
         metric = torch.stack([self.loss(learners[:, k], labels) for k in range(learners.shape[1])]).mean()

@@ -14,7 +14,8 @@ from dml_ray.explain.decomposition import upsample_map  # noqa: E402
 from dml_ray.report.plots import figure_png  # noqa: E402
 
 METHOD_TITLES = {"decomposition": "Decomposition", "decomposition_bias": "Decomposition+Bias", "distcam": "Dist-CAM",
-                 "gradcam": "Grad-CAM", "gradcam_nonorm": "Grad-CAM (no norm)", "rgradcam": "RGrad-CAM"}
+                 "gradcam": "Grad-CAM", "gradcam_nonorm": "Grad-CAM (no norm)", "rgradcam": "RGrad-CAM",
+                 "oam": "OAM"}
 
 
 def to_pixels(activation: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -60,6 +61,23 @@ def pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.n
     axes[0, -1].plot([(col + 0.5) * query.shape[1] / grid[1]], [(row + 0.5) * query.shape[0] / grid[0]],
                      marker="x", color="white", markersize=12, mew=3)
     overlay(axes[1, -1], reference, arrays["point_specific_reference"], "point-specific")
+    return figure_png(fig)
+
+
+def deml_pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.ndarray], branches: int) -> bytes:
+    """PNG for a DeML pair (``explain_deml_pair``): the object-attention map and each channel-attention
+    branch's proposal on the query (top row) and the reference (bottom row), titled with each learner's cosine
+    (deml-zero-shot-retrieval Fig. 4a)."""
+    cols = branches + 2
+    fig, axes = plt.subplots(2, cols, figsize=(2.1 * cols, 4.6), squeeze=False)
+    overlay(axes[0, 0], query, None, "query")
+    overlay(axes[1, 0], reference, None, f"reference (cos {float(arrays['cosine']):.3f})")
+    cos = arrays["learner_cosine"]
+    for r, side in enumerate(("query", "reference")):
+        overlay(axes[r, 1], query if r == 0 else reference, arrays[f"oam_{side}"], "OAM" if r == 0 else "")
+        for j in range(branches):
+            title = f"CAM {j + 1} (cos {float(cos[j]):.2f})" if r == 0 else ""
+            overlay(axes[r, j + 2], query if r == 0 else reference, arrays[f"cam{j + 1}_{side}"], title)
     return figure_png(fig)
 
 
