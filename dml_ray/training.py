@@ -39,7 +39,10 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, objective: Optional[
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+    if cfg.name == "radam":
+        return torch.optim.RAdam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 decoupled_weight_decay=cfg.decoupled_weight_decay)
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     return optimizers[cfg.name](groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
