@@ -234,6 +234,8 @@ def attention_diagnostics(attention: torch.Tensor, labels: torch.Tensor) -> dict
         ``same_class_mass`` (L, M): mean over nodes of the attention on nodes of the same class,
         the node itself included.
         ``same_class_mass_uniform`` (scalar): that mass under uniform attention, for reference.
+        In the authors' variant rows sum to less than 1 (the zero logit keeps the rest); both statistics
+        are then taken over the attention the batch receives, as it is.
     """
     if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
         raise ValueError(f"attention_diagnostics: expected (L, M, B, B) attention, got {tuple(attention.shape)}")
