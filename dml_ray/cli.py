@@ -117,10 +117,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dml_ray.data.transforms import decode_image, display_view, eval_transform
+    from dml_ray.explain.oam import explain_deml_pair
     from dml_ray.explain.pair import explain_pair
     from dml_ray.io.fs import url_to_fs
     from dml_ray.models.checkpoint import load_checkpoint
-    from dml_ray.explain.oam import explain_deml_pair
     from dml_ray.models.deml import DeMLModel
     from dml_ray.report.overlays import deml_pair_figure, pair_figure
 
