@@ -215,8 +215,13 @@ def test_uniform_aspect_erasing_and_crop_scale():
         ratios.append(h / w)
     # ratio uniform on [0.3, 3.33]: mean ~1.82 (log-uniform gives ~1.26) and as many above 1.82 as below
     assert 1.6 < np.mean(ratios) < 2.05
-    steps = train_transform(32, 0.5, (0.08, 1.0), "uniform").transforms
+    transform = train_transform(32, 1.0, (0.08, 1.0), "uniform")
+    steps = transform.transforms
     assert steps[1].scale == (0.08, 1.0) and isinstance(steps[-1], UniformAspectErasing)
+    from PIL import Image
+    out = transform(Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8)))
+    erased = (out == torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)).all(0)
+    assert out.shape == (3, 32, 32) and erased.sum() >= 0.02 * 32 * 32
     assert train_transform(32, 0.5).transforms[1].scale == (0.3, 1.0)
 
 
