@@ -63,7 +63,7 @@ def diagnosis(out: str, seed: int, epochs: Optional[int]) -> None:
     for run_id, rows in runs.items():
         for kind in ("neighbor", "prototype"):
             cells = [_fmt(_value(rows, "test", f"loc_best_acc/{kind}/{m}")) for m in METHODS]
-            base = [_fmt(_value(rows, "test", f"loc_best_acc/none/{b}")) for b in ("baseline_random", "baseline_center")]
+            base = [_fmt(_value(rows, "test", f"loc_best_acc/none/baseline_{b}")) for b in ("random", "center")]
             print(f"| {run_id} | {kind} | " + " | ".join(cells + base) + " |")
     print("\n`dml-ray compare` rows (Tables III, IV):\n")
     print("| " + " | ".join(HEADER) + " |")
