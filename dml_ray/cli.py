@@ -15,6 +15,8 @@ from dml_ray.config import ConfigError, Stage, StorageConfig, check_scheme, load
 from dml_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NAMES, EXIT_RETRY, exit_code, one_line
 from dml_ray.io.run import storage_options_of
 
+DEFAULT_PAIR_METHODS = "decomposition,decomposition_bias,distcam,gradcam,gradcam_nonorm,rgradcam"
+
 log = logging.getLogger("dml_ray")
 
 
@@ -118,10 +120,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dml_ray.data.transforms import decode_image, display_view, eval_transform
+    from dml_ray.explain.oam import explain_deml_pair
     from dml_ray.explain.pair import explain_pair
     from dml_ray.io.fs import url_to_fs
     from dml_ray.models.checkpoint import load_checkpoint
-    from dml_ray.report.overlays import pair_figure
+    from dml_ray.models.deml import DeMLModel
+    from dml_ray.report.overlays import deml_pair_figure, pair_figure
 
     allowed = StorageConfig().allowed_schemes
     for field in ("checkpoint", "query", "reference"):
@@ -138,10 +142,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
             image = decode_image(f.read())
         images.append(transform(image))
         views.append(display_view(image, resize, size).numpy())
-    methods = args.methods.split(",")
-    arrays = explain_pair(loaded.model, images[0], images[1], methods)
+    if isinstance(loaded.model, DeMLModel):
+        if args.methods not in (None, "oam"):
+            raise ValueError(f"--methods {args.methods}: a DeML checkpoint is explained by its object-attention "
+                             "map and its channel-attention branches (--methods oam)")
+        arrays = explain_deml_pair(loaded.model, images[0], images[1])
+        figure = deml_pair_figure(views[0], views[1], arrays, loaded.model.branches)
+    else:
+        methods = (args.methods or DEFAULT_PAIR_METHODS).split(",")
+        arrays = explain_pair(loaded.model, images[0], images[1], methods)
+        figure = pair_figure(views[0], views[1], arrays, methods)
     with open(args.out, "wb") as f:
-        f.write(pair_figure(views[0], views[1], arrays, methods))
+        f.write(figure)
     print(f"figure: {args.out} (cosine similarity {float(arrays['cosine']):.4f})")
     if args.save_arrays:
         np.savez_compressed(args.save_arrays, **arrays)
@@ -204,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="reference image (path or URI)")
     p.add_argument("--out", required=True, help="PNG figure to write")
     p.add_argument("--save-arrays", help="also write the raw arrays to this .npz file")
-    p.add_argument("--methods", default="decomposition,decomposition_bias,distcam,gradcam,gradcam_nonorm,rgradcam")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated maps (default {DEFAULT_PAIR_METHODS}); a DeML checkpoint draws its "
+                        "object-attention map and each channel-attention branch (oam)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", help="write a run's self-contained HTML report")

@@ -69,6 +69,14 @@ class MPNConfig(Strict):
     aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary backbone cross-entropy")
     dropout: float = Field(0.1, ge=0, lt=1)
     ff_dim: Optional[int] = Field(None, ge=1, description="hidden width of the FF layers; default 4 d")
+    variant: Literal["paper", "authors"] = Field(
+        "paper", description="paper: Sec. 3.1's equations; authors: the layers of github.com/dvl-tum/intra_batch "
+                             "(softmax with a zero logit, Q/K/V biases and an output projection, sqrt(d/M) scale, "
+                             "learnable input map, BatchNorm + bias-free classifier); README 'paper vs authors' code'")
+    concat_layers: bool = Field(False, description="classify and refine with every layer's output concatenated "
+                                                   "(the authors' Cars196 setting 'cat')")
+    mpn_weight: float = Field(1.0, ge=0, description="weight of the MPN cross-entropy; 0 trains the backbone's alone "
+                                                     "(the authors' SOP setting, loss 'lsce')")
 
 
 class DeMLConfig(Strict):
@@ -138,6 +146,15 @@ class OptimizerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0)
     head_lr_multiplier: float = Field(1.0, gt=0, description="lr of head and loss parameters / lr")
+    decoupled_weight_decay: bool = Field(False, description="radam only: decay the weights directly (p -= lr wd p, "
+                                                            "as the intra-batch-mpn authors' RAdam does) instead of "
+                                                            "adding wd p to the gradient")
+
+    @model_validator(mode="after")
+    def _decoupled_for_radam(self) -> "OptimizerConfig":
+        if self.decoupled_weight_decay and self.name != "radam":
+            raise ValueError(f"decoupled_weight_decay applies to radam (adamw always decouples), not {self.name}")
+        return self
 
 
 class SchedulerConfig(Strict):
@@ -163,6 +180,23 @@ class TrainConfig(Strict):
     loader_workers: int = Field(0, ge=0, description="torch DataLoader processes per Ray Train worker")
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability of random erasing after normalisation "
                                                                 "(intra-batch-mpn Sec. 3.2 uses 0.5)")
+    erasing_aspect: Literal["log_uniform", "uniform"] = Field(
+        "log_uniform", description="how random erasing draws the patch's aspect ratio in [0.3, 3.3]: log-uniformly "
+                                   "(torchvision) or uniformly (intra-batch-mpn Sec. 3.2 and the authors' code)")
+    crop_scale: tuple[float, float] = Field((0.3, 1.0), description="area fraction range of the random resized crop "
+                                                                    "(the intra-batch-mpn authors: torchvision's "
+                                                                    "default 0.08-1)")
+    batch_factorisation: Literal["fixed", "random"] = Field(
+        "fixed", description="fixed: classes_per_batch x samples_per_class every step; random: each epoch draws "
+                             "P x K afresh among the factorisations of their product (the intra-batch-mpn authors' "
+                             "CUB setting)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale {list(scale)} must satisfy 0 < low <= high <= 1")
+        return scale
 
 
 class EmbedConfig(Strict):

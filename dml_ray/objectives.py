@@ -17,7 +17,7 @@ from dml_ray.config import DeMLConfig, ModelConfig, TrainConfig
 from dml_ray.losses.deml import activation_decay, grad_reverse, learner_discrepancy, learner_norm_penalty
 from dml_ray.losses.factory import build_loss, build_miner, wrap_distributed
 from dml_ray.metrics.learners import learner_similarity
-from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss
+from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss, smoothed_cross_entropy
 
 
 class ObjectiveOutput(NamedTuple):
@@ -47,21 +47,29 @@ class MPNObjective(nn.Module):
     """MPN over the complete batch graph + CE on its logits and auxiliary CE on the backbone (mpn Sec. 3.1).
 
     The backbone classifier maps the raw backbone embedding to class logits; the MPN refines the
-    batch's embeddings (``mpn_input``) and classifies the refined features. Every step also returns
-    the attention diagnostics of Sec. 4.2.2 per layer and head.
+    batch's unit-norm embeddings (``MessagePassingNetwork.embed_input`` maps them to node features) and
+    classifies the refined features. Every step also returns the attention diagnostics of Sec. 4.2.2
+    per layer and head. With ``mpn.mpn_weight: 0`` (the authors' SOP setting, loss ``lsce`` alone) the
+    MPN is not run and only the backbone's cross-entropy trains.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, embedding_dim: int) -> None:
         super().__init__()
         self.cfg = cfg.mpn
         self.mpn = MessagePassingNetwork(num_classes, num_layers=cfg.mpn.num_layers, num_heads=cfg.mpn.num_heads,
-                                         dim=embedding_dim, dropout=cfg.mpn.dropout, ff_dim=cfg.mpn.ff_dim)
+                                         dim=embedding_dim, dropout=cfg.mpn.dropout, ff_dim=cfg.mpn.ff_dim,
+                                         variant=cfg.mpn.variant, concat_layers=cfg.mpn.concat_layers)
         self.backbone_classifier = nn.Linear(embedding_dim, num_classes)
 
     def forward(self, output, labels: torch.Tensor) -> ObjectiveOutput:
-        refined = self.mpn(mpn_input(output.embedding))
-        loss = mpn_loss(refined.logits, self.backbone_classifier(output.raw), labels, self.cfg.temperature,
-                        self.cfg.label_smoothing, self.cfg.aux_weight)
+        backbone_logits = self.backbone_classifier(output.raw)
+        if self.cfg.mpn_weight == 0:
+            loss = self.cfg.aux_weight * smoothed_cross_entropy(backbone_logits, labels, self.cfg.temperature,
+                                                                self.cfg.label_smoothing)
+            return ObjectiveOutput(loss, {"loss": float(loss.detach())})
+        refined = self.mpn(output.embedding)
+        loss = mpn_loss(refined.logits, backbone_logits, labels, self.cfg.temperature,
+                        self.cfg.label_smoothing, self.cfg.aux_weight, self.cfg.mpn_weight)
         return ObjectiveOutput(loss, {"loss": float(loss.detach()),
                                       **attention_stats(refined.attention.detach(), labels)})
 
@@ -86,6 +94,10 @@ class DeMLObjective(nn.Module):
         self.adversaries = nn.ModuleList(nn.Linear(learner_dim, learner_dim, bias=False)
                                          for _ in range(cfg.scales if with_adversary else 0))
 
+    def head_rate_parameters(self) -> list[nn.Parameter]:
+        """None: the adversaries learn at the base rate (Sec. 4 gives the 10x rate to the learners only)."""
+        return []
+
     def forward(self, output, labels: torch.Tensor) -> ObjectiveOutput:
         learners = output.learners
         metric = torch.stack([self.loss(learners[:, k], labels) for k in range(learners.shape[1])]).mean()
@@ -104,17 +116,6 @@ class DeMLObjective(nn.Module):
         if self.cfg.branches > 1:
             stats["learner_similarity"] = float(learner_similarity(per_scale.detach()).mean())
         return ObjectiveOutput(loss, {"loss": float(loss.detach()), **stats})
-
-
-def mpn_input(embedding: torch.Tensor) -> torch.Tensor:
-    """The MPN's node features: the unit embedding scaled to norm sqrt(d), the scale of a LayerNorm output.
-
-    The paper feeds the raw backbone feature; its scale is whatever the backbone makes it, and at
-    the small norms of a from-scratch head the attention logits q.k / sqrt(d) stay near zero and
-    the attention near uniform. Fixing the norm makes the attention's sharpness learnable from the
-    first step, for any backbone, at training and test time alike.
-    """
-    return embedding * embedding.shape[-1] ** 0.5
 
 
 def attention_stats(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

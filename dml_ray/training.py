@@ -11,22 +11,38 @@ from torch import nn
 from dml_ray.config import OptimizerConfig, SchedulerConfig
 
 
+def head_rate_parameters(module: nn.Module) -> set[int]:
+    """Ids of the parameters of ``module`` that learn at ``lr * head_lr_multiplier``.
+
+    A module names them with a ``head_rate_parameters()`` method (DeML: the learners only, Sec. 4 "10
+    times learning rate for the learners"; its CAMs and adversaries learn at the base rate); otherwise
+    every parameter outside ``backbone.`` does.
+    """
+    if hasattr(module, "head_rate_parameters"):
+        return {id(p) for p in module.head_rate_parameters()}
+    return {id(p) for name, p in module.named_parameters() if not name.startswith("backbone.")}
+
+
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module, objective: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-    """Optimizer over the backbone (lr) and every other model and objective parameter (lr * head_lr_multiplier)."""
-    net = getattr(model, "module", model)
-    backbone, rest = [], []
-    for name, param in net.named_parameters():
-        (backbone if name.startswith("backbone.") else rest).append(param)
-    if objective is not None:
-        rest += list(objective.parameters())
+    """Optimizer with two groups: the base rate ``lr`` (the backbone, and whatever a module keeps there) and
+    ``lr * head_lr_multiplier`` (``head_rate_parameters`` of the model and of the objective)."""
+    modules = [getattr(model, "module", model)] + ([objective] if objective is not None else [])
+    base, head = [], []
+    for module in modules:
+        fast = head_rate_parameters(module)
+        for param in module.parameters():
+            (head if id(param) in fast else base).append(param)
     groups = [
-        {"params": backbone, "lr": cfg.lr},
-        {"params": rest, "lr": cfg.lr * cfg.head_lr_multiplier},
+        {"params": base, "lr": cfg.lr},
+        {"params": head, "lr": cfg.lr * cfg.head_lr_multiplier},
     ]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+    if cfg.name == "radam":
+        return torch.optim.RAdam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 decoupled_weight_decay=cfg.decoupled_weight_decay)
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     return optimizers[cfg.name](groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from dml_ray.io.schemas import embeddings_schema
 from dml_ray.models.checkpoint import load_checkpoint
 from dml_ray.models.mpn import refine_over_batches
-from dml_ray.objectives import load_mpn, mpn_input
+from dml_ray.objectives import load_mpn
 from dml_ray.retrieval.knn_graph import shard_bounds
 from dml_ray.retrieval.prototypes import fixed_list_to_numpy
 
@@ -59,7 +59,7 @@ def refine_split(embeddings: pa.Table, neighbors: pa.Table, split: str, checkpoi
                  num_threads: int, storage_options: Optional[dict]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """(split's embeddings rows, row index of each refined feature, refined features) of one split."""
     emb, rows, batches = _split_rows(embeddings, neighbors, split)
-    ref = ray.put(mpn_input(torch.from_numpy(fixed_list_to_numpy(emb.column("embedding")))).numpy())
+    ref = ray.put(fixed_list_to_numpy(emb.column("embedding")))  # unit norm: the MPN maps them to node features
     futures, order = [], []
     for size in sorted({len(b) for b in batches}):  # batches have one size unless a split is tiny
         group = np.array([i for i, b in enumerate(batches) if len(b) == size])

@@ -70,10 +70,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     so = storage_options_of(cfg)
 
     uris, labels, class_names = _train_split(loop_config["images_uri"], so)
-    dataset = ImageTableDataset(uris, labels, train_transform(cfg.data.image_size, cfg.train.random_erasing), so)
+    transform = train_transform(cfg.data.image_size, cfg.train.random_erasing, cfg.train.crop_scale,
+                                cfg.train.erasing_aspect)
+    dataset = ImageTableDataset(uris, labels, transform, so)
     sampler = RankAwarePKBatchSampler(labels, cfg.train.classes_per_batch, cfg.train.samples_per_class,
                                       num_replicas=world, rank=rank, seed=cfg.train.seed,
-                                      steps_per_epoch=cfg.train.steps_per_epoch)
+                                      steps_per_epoch=cfg.train.steps_per_epoch,
+                                      random_factorisation=cfg.train.batch_factorisation == "random")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.loader_workers,
                                          persistent_workers=cfg.train.loader_workers > 0)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=False)

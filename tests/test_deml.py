@@ -213,13 +213,22 @@ def test_output_shapes(scales: int, branches: int, channel_attention: bool) -> N
     assert not any(n.startswith(f"backbone.{scales}.") for n in names)
 
 
-def test_optimizer_gives_learners_and_cams_the_head_rate() -> None:
-    model = build_model(_deml_config(1, 2), 64)
-    optimizer = build_optimizer(OptimizerConfig(lr=1e-5, head_lr_multiplier=10), model)
-    backbone, head = optimizer.param_groups
-    assert backbone["lr"] == 1e-5 and head["lr"] == pytest.approx(1e-4)
-    head_ids = {id(p) for p in head["params"]}
-    assert {id(p) for p in model.learners.parameters()} | {id(p) for p in model.cams.parameters()} == head_ids
+def test_optimizer_gives_only_the_learners_the_head_rate() -> None:
+    # Sec. 4: "10 times learning rate for the learners"; the CAMs and the adversaries learn at the base rate
+    cfg = _deml_config(2, 2)
+    model = build_model(cfg, 64)
+    train_cfg = TrainConfig(loss=LossConfig(name="binomial_deviance"))
+    objective = build_objective(cfg, train_cfg, 4, model.embedding_dim)
+    assert len(objective.adversaries) == 2
+    optimizer = build_optimizer(OptimizerConfig(lr=1e-5, head_lr_multiplier=10), model, objective)
+    base, head = optimizer.param_groups
+    assert base["lr"] == 1e-5 and head["lr"] == pytest.approx(1e-4)
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(head["params"]) == ids(model.learners.parameters())
+    assert ids(model.cams.parameters()) <= ids(base["params"])
+    assert ids(objective.adversaries.parameters()) <= ids(base["params"])
+    assert ids(base["params"]) | ids(head["params"]) == ids(model.parameters()) | ids(objective.parameters())
+    assert not ids(base["params"]) & ids(head["params"])
 
 
 def test_checkpoint_round_trip_and_embedder(tmp_path) -> None:
@@ -244,6 +253,47 @@ def test_checkpoint_round_trip_and_embedder(tmp_path) -> None:
     assert maps.schema.equals(ACTIVATION_MAPS_SCHEMA)
     assert maps.column("method").to_pylist() == ["oam", "oam"] and maps.column("reference_id").to_pylist() == ["p", "q"]
     assert len(maps.column("map")[0].as_py()) == 16
+
+
+def test_explain_cli_takes_a_deml_checkpoint(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from dml_ray.cli import main
+
+    torch.manual_seed(0)
+    cfg = _deml_config(1, 3, dim=63)
+    model = build_model(cfg, 64).eval()
+    uri = str(tmp_path / "model.pt")
+    save_checkpoint(uri, checkpoint_bytes(model, cfg, 64, ["a", "b"], extra={"resize": 64}))
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("q.png", "r.png"):
+        Image.fromarray(rng.integers(0, 255, (80, 70, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    fig, arrays = tmp_path / "fig.png", tmp_path / "arrays.npz"
+    assert main(["explain", "--checkpoint", uri, "--query", paths[0], "--reference", paths[1], "--out", str(fig),
+                 "--save-arrays", str(arrays)]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = np.load(arrays)
+    # the OAM map is the model's own proposal, and the mean of the three CAM branches' proposals
+    from dml_ray.data.transforms import decode_image, eval_transform
+    x = torch.stack([eval_transform(64, 64)(decode_image(open(p, "rb").read())) for p in paths])
+    with torch.no_grad():
+        oam = model.object_attention(x).numpy()
+        out = model(x)
+    for b, side in enumerate(("query", "reference")):
+        np.testing.assert_allclose(saved[f"oam_{side}"], oam[b], rtol=1e-4, atol=1e-6)
+        branches = np.stack([saved[f"cam{j}_{side}"] for j in (1, 2, 3)])
+        np.testing.assert_allclose(branches.mean(0), oam[b], rtol=1e-4, atol=1e-6)
+        assert saved[f"cam_weights_{side}"].shape == (3, 480)
+        assert ((saved[f"cam_weights_{side}"] > 0) & (saved[f"cam_weights_{side}"] < 1)).all()
+    assert not np.allclose(saved["cam1_query"], saved["cam2_query"])  # the branches differ
+    assert abs(float(saved["cosine"]) - float(out.embedding[0] @ out.embedding[1])) < 1e-5
+    np.testing.assert_allclose(saved["cosine"], saved["learner_cosine"].mean(), rtol=1e-5)
+    assert f"{float(saved['cosine']):.4f}" in capsys.readouterr().out
+    assert main(["explain", "--checkpoint", uri, "--query", paths[0], "--reference", paths[1], "--out", str(fig),
+                 "--methods", "decomposition"]) == 2
+    assert "--methods oam" in capsys.readouterr().err
 
 
 def test_learner_metrics_from_stored_embeddings() -> None:
@@ -348,19 +398,24 @@ def test_adversary_lowers_the_similarity_between_learners(trained) -> None:
 # --- the pipeline ---------------------------------------------------------------------------------------------
 
 
-def test_ablation_configs_cover_tables_2_and_4() -> None:
+def test_ablation_configs_cover_tables_1_2_and_4() -> None:
     from pathlib import Path
 
     from dml_ray.config import load_config
 
     configs = {p.stem: load_config(p) for p in Path(__file__).parents[1].glob("jobs/configs/deml_*.yaml")}
     grid = {(c.model.deml.scales, c.model.deml.branches, c.model.deml.channel_attention, c.model.deml.adversary,
-             c.model.embedding_dim) for c in configs.values()}
-    table_2 = {(i, j, True, True, 512) for i, j in [(1, 1), (1, 4), (1, 8), (2, 1), (2, 4), (3, 1), (3, 3)]}
-    table_4 = {(1, 8, True, False, 512), (1, 1, False, True, 64)}
-    assert table_2 | table_4 | {(1, 1, False, True, 512)} == grid
+             c.model.embedding_dim, c.model.deml.activation_decay > 0) for c in configs.values()}
+    table_1 = {(1, 1, False, True, d, act) for d in (64, 192, 384, 512) for act in (True, False)}
+    table_2 = {(i, j, True, True, 512, True) for i, j in [(1, 1), (1, 4), (1, 8), (2, 1), (2, 4), (3, 1), (3, 3)]}
+    table_4 = {(1, 8, True, False, 512, True), (1, 1, False, True, 64, True)}
+    assert table_1 | table_2 | table_4 == grid
+    assert len(configs) == len(grid)
     for cfg in configs.values():
         assert cfg.model.kind == "deml" and "evaluate" in cfg.stages and cfg.explain.methods == ["oam"]
+        # "without L_act" drops Eq. 6 whole: the activation decay and its L_ntri term
+        assert (cfg.model.deml.activation_decay > 0) == (cfg.model.deml.norm_penalty > 0)
+        assert cfg.train.optimizer.head_lr_multiplier == 10
 
 
 def test_pipeline_end_to_end(ray_session, tmp_path) -> None:

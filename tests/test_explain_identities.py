@@ -37,6 +37,7 @@ from dml_ray.explain import (
     similarity_gradients,
     upsample_map,
 )
+from dml_ray.explain.batch import reference_maps
 from dml_ray.models.heads import EmbeddingHead
 from tests.heads import random_eval_head
 
@@ -135,6 +136,24 @@ def test_rgrad_cam_no_norm_is_z_times_decomposition_bias(name):
     torch.testing.assert_close(rgrad_cam(a_q, grads.query), z * decomposition_bias_map(e_q, raw_q, raw_r), **TIGHT)
     torch.testing.assert_close(rgrad_cam(a_r, grads.reference), z * decomposition_bias_map(e_r, raw_r, raw_q),
                                **TIGHT)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_rgrad_cam_method_equals_decomposition_bias_exactly(name):
+    # Sec. V and the authors' code: RGrad-CAM differentiates the product E^q . E^r with the normaliser
+    # Z held constant (no GAP step, no gradient through the L2 normalisation), so the RGrad-CAM map IS
+    # the Decomposition+Bias map, on both images of a pair, not Z times it and not its projection
+    head = make_head(name)
+    a_q, a_r = make_maps(name)
+    (e_q, _, raw_q), (e_r, b_r, raw_r) = decompose(head, a_q), decompose(head, a_r)
+    grads = similarity_gradients(head, a_q, feature_map_r=a_r, score="product")
+    torch.testing.assert_close(grads.score, F.cosine_similarity(raw_q, raw_r), **TIGHT)
+    torch.testing.assert_close(rgrad_cam(a_q, grads.query), decomposition_bias_map(e_q, raw_q, raw_r), **TIGHT)
+    torch.testing.assert_close(rgrad_cam(a_r, grads.reference), decomposition_bias_map(e_r, raw_r, raw_q), **TIGHT)
+    # the batched stage's method "rgradcam" (references given as vectors) is the same map
+    maps, scores = reference_maps(head, a_q, raw_r, b_r, gap_feature(a_r), ["rgradcam", "decomposition_bias"])
+    torch.testing.assert_close(maps["rgradcam"], maps["decomposition_bias"], **TIGHT)
+    torch.testing.assert_close(scores, F.cosine_similarity(raw_q, raw_r), **TIGHT)
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -240,6 +259,31 @@ def test_dist_cam_weights_are_a_normalised_reciprocal_of_channel_distances():
     assert torch.isfinite(w).all() and (w[:, 0] > 0.99).all()
     half = dist_cam(a_q.half(), gap_ref.half())
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
+
+
+def test_dist_cam_leaves_channels_dead_in_both_images_out_of_the_normalisation():
+    # a channel that is zero in the query and in the reference carries no evidence: Eq. 4-6 over the
+    # live channels alone, not a 1 / eps weight that shrinks every other weight a millionfold
+    g = torch.Generator().manual_seed(3)
+    a_q = torch.relu(torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64) + 0.5)
+    gap_ref = torch.rand(3, 8, generator=g, dtype=torch.float64)
+    dead = [1, 5]
+    a_q[:, dead] = 0.0
+    gap_ref[:, dead] = 0.0
+    live = [k for k in range(8) if k not in dead]
+    d = (gap_feature(a_q)[:, live] - gap_ref[:, live]).abs()
+    w_live = (1 / d) / (1 / d).sum(1, keepdim=True)
+    w = dist_cam_weights(gap_feature(a_q), gap_ref)
+    torch.testing.assert_close(w[:, live], w_live, **TIGHT)
+    assert (w[:, dead] == 0).all()
+    expected = torch.einsum("bchw,bc->bhw", a_q[:, live], w_live)
+    torch.testing.assert_close(dist_cam(a_q, gap_ref), expected, **TIGHT)
+    # a channel zero in the query only (or in the reference only) is evidence and keeps its weight
+    a_q[0, 2], gap_ref[1, 3] = 0.0, 0.0
+    w = dist_cam_weights(gap_feature(a_q), gap_ref)
+    assert (w[0, 2] > 0) and (w[1, 3] > 0)
+    # every channel dead: an all-zero map, not nan
+    assert (dist_cam(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3)) == 0).all()
 
 
 def test_class_activation_map_averages_to_the_logit_of_a_gap_classifier():

@@ -123,7 +123,7 @@ def test_point_specific_map_matches_a_loop_bilinear_interpolation(name):
 
 
 @pytest.mark.parametrize("name", HEADS)
-@pytest.mark.parametrize("score", ["cosine", "dot"])
+@pytest.mark.parametrize("score", ["cosine", "dot", "product"])
 def test_grad_cam_and_rgrad_cam_match_channel_loops(name, score):
     head, a_q, a_r, _, (_, _, raw_r) = random_pairs(name)
     batched = similarity_gradients(head, a_q, raw_r=raw_r, score=score)

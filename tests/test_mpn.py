@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from dml_ray.config import ConfigError, parse_config
 from dml_ray.models.embedding import EmbeddingOutput
 from dml_ray.models.mpn import MessagePassingNetwork, attention_diagnostics, mpn_loss, refine_over_batches
-from dml_ray.objectives import MPNObjective, load_mpn, mpn_input
+from dml_ray.objectives import MPNObjective, load_mpn
 
 
 def _model(**kwargs) -> MessagePassingNetwork:
@@ -52,8 +52,9 @@ def test_layer_follows_the_equations() -> None:
     """One layer, recomputed by hand from its weights (Sec. 3.1 equations, scale 1/sqrt(d))."""
     model = _model(num_layers=1, num_heads=2, dim=8)
     layer = model.layers[0]
-    h = torch.randn(5, 8)
-    out = model(h)
+    x = F.normalize(torch.randn(5, 8), dim=1)
+    out = model(x)
+    h = x * math.sqrt(8)  # the paper variant's input map
     heads = []
     for m in range(2):
         rows = slice(4 * m, 4 * m + 4)
@@ -155,14 +156,15 @@ def test_mpn_objective_is_the_paper_loss_and_reports_every_head() -> None:
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     output = EmbeddingOutput(torch.zeros(6, 1, 1, 1), raw, F.normalize(raw, dim=1))
     loss, stats = objective(output, labels)
-    refined = objective.mpn(mpn_input(output.embedding))
+    refined = objective.mpn(output.embedding)
     expected = mpn_loss(refined.logits, objective.backbone_classifier(raw), labels, 0.3, 0.1)
     torch.testing.assert_close(loss, expected)
     assert stats["loss"] == pytest.approx(float(expected))
     heads = {f"mpn_same_class_mass_l{layer}_h{head}" for layer in range(2) for head in range(4)}
     assert heads <= set(stats) and len([k for k in stats if k.startswith("mpn_attention_kl_")]) == 8
     assert stats["mpn_same_class_mass_uniform"] == pytest.approx(2 / 6)
-    assert torch.linalg.vector_norm(mpn_input(output.embedding), dim=1).allclose(torch.full((6,), 4.0))
+    # the paper variant's node features are the unit embeddings at norm sqrt(d)
+    assert torch.linalg.vector_norm(objective.mpn.embed_input(output.embedding), dim=1).allclose(torch.full((6,), 4.0))
 
 
 def test_loading_an_mpn_from_a_checkpoint_without_one_is_a_clear_error() -> None:

@@ -11,7 +11,7 @@ from dml_ray.io.tables import read_table, table_uri
 from dml_ray.metrics.retrieval import evaluate_retrieval
 from dml_ray.models.checkpoint import load_checkpoint
 from dml_ray.models.embedding import build_model
-from dml_ray.objectives import load_mpn, mpn_input
+from dml_ray.objectives import load_mpn
 from dml_ray.retrieval.prototypes import fixed_list_to_numpy
 from pipelines.run import run_pipeline
 from pipelines.train import model_uri
@@ -79,7 +79,7 @@ def test_every_image_is_refined_within_its_own_reciprocal_batch(mpn_run):
     mpn = load_mpn(loaded.model_config, len(loaded.class_names), loaded.model.embedding_dim, loaded.objective_state)
     test = embeddings.filter(pc.equal(embeddings.column("split"), "test"))
     index = {i: n for n, i in enumerate(test.column("image_id").to_pylist())}
-    x = mpn_input(torch.from_numpy(fixed_list_to_numpy(test.column("embedding"))))
+    x = torch.from_numpy(fixed_list_to_numpy(test.column("embedding")))
     stored = {r["image_id"]: r["embedding"] for r in refined.filter(pc.equal(refined.column("split"), "test")).to_pylist()}
     for row in neighbors.filter(pc.equal(neighbors.column("split"), "test")).slice(0, 5).to_pylist():
         batch = [index[i] for i in row["batch_ids"]]

@@ -36,6 +36,11 @@ class RankAwarePKBatchSampler(Sampler[list[int]]):
         seed: seed shared by all ranks.
         steps_per_epoch: batches per epoch; default ``len(labels) // (P * K * num_replicas)``,
             at least 1. The same on every rank.
+        random_factorisation: draw each epoch's (P, K) afresh, uniformly among the factorisations of
+            ``P * K`` with ``2 <= P <= P K / 2`` (and ``P * num_replicas`` classes available), from the
+            epoch's seeded draw, so every rank picks the same; the batch size stays ``P * K`` (the
+            authors' ``NumberSampler`` of intra-batch-mpn, CUB: 54 = 2 x 27, 3 x 18, 6 x 9, 9 x 6,
+            18 x 3 or 27 x 2).
 
     Raises:
         ValueError: empty labels, non-positive sizes, a rank out of range, or fewer classes
@@ -51,6 +56,7 @@ class RankAwarePKBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         seed: int = 0,
         steps_per_epoch: Optional[int] = None,
+        random_factorisation: bool = False,
     ) -> None:
         super().__init__()
         label_array = np.asarray(labels, dtype=np.int64)
@@ -85,6 +91,14 @@ class RankAwarePKBatchSampler(Sampler[list[int]]):
             1, len(label_array) // (classes_per_step * samples_per_class)
         )
         self.epoch = 0
+        self.factorisations = [(classes_per_batch, samples_per_class)]
+        if random_factorisation:
+            size = classes_per_batch * samples_per_class
+            self.factorisations = [(p, size // p) for p in range(2, size // 2 + 1)
+                                   if size % p == 0 and p * num_replicas <= len(classes)]
+            if not self.factorisations:
+                raise ValueError(f"random_factorisation: no factorisation P x K of {size} with 2 <= P <= {size // 2} "
+                                 f"and P x {num_replicas} replicas <= {len(classes)} classes")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches ``__iter__`` yields (reshuffles classes and samples)."""
@@ -94,13 +108,23 @@ class RankAwarePKBatchSampler(Sampler[list[int]]):
         """Batches per epoch, equal on every rank."""
         return self.steps_per_epoch
 
+    def epoch_factorisation(self) -> tuple[int, int]:
+        """(P, K) of the selected epoch: the configured one, or that epoch's random draw."""
+        return self._factorisation(np.random.default_rng((self.seed, self.epoch)))
+
+    def _factorisation(self, rng: np.random.Generator) -> tuple[int, int]:
+        if len(self.factorisations) == 1:
+            return self.factorisations[0]
+        return self.factorisations[int(rng.integers(len(self.factorisations)))]
+
     def __iter__(self) -> Iterator[list[int]]:
         """Yield this rank's ``P * K`` dataset indices per step, grouped by class."""
         rng = np.random.default_rng((self.seed, self.epoch))
+        classes_per_batch, samples_per_class = self._factorisation(rng)
         n_classes = len(self._indices_by_class)
-        classes_per_step = self.classes_per_batch * self.num_replicas
+        classes_per_step = classes_per_batch * self.num_replicas
         queue: list[int] = []
-        first = self.rank * self.classes_per_batch
+        first = self.rank * classes_per_batch
         for _ in range(self.steps_per_epoch):
             step_classes = queue[:classes_per_step]
             queue = queue[classes_per_step:]
@@ -115,10 +139,10 @@ class RankAwarePKBatchSampler(Sampler[list[int]]):
                     else:
                         queue.append(cls)
             # Every rank draws the samples of the whole step so that all ranks' RNGs stay equal.
-            global_batch = [self._draw(rng, cls) for cls in step_classes]
-            yield [int(i) for block in global_batch[first : first + self.classes_per_batch] for i in block]
+            global_batch = [self._draw(rng, cls, samples_per_class) for cls in step_classes]
+            yield [int(i) for block in global_batch[first : first + classes_per_batch] for i in block]
 
-    def _draw(self, rng: np.random.Generator, cls: int) -> np.ndarray:
+    def _draw(self, rng: np.random.Generator, cls: int, k: int) -> np.ndarray:
         """K dataset indices of class ``cls`` (with replacement only when it has fewer than K)."""
         members = self._indices_by_class[cls]
-        return rng.choice(members, size=self.samples_per_class, replace=len(members) < self.samples_per_class)
+        return rng.choice(members, size=k, replace=len(members) < k)

@@ -41,18 +41,57 @@ def display_view(image: Image.Image, resize: int | Sequence[int], image_size: in
 ERASING_SCALE = (0.02, 0.4)
 ERASING_RATIO = (0.3, 3.3)
 ERASING_VALUE = (0.4914, 0.4822, 0.4465)
+CROP_SCALE = (0.3, 1.0)
 
 
-def train_transform(image_size: int, random_erasing: float = 0.0) -> v2.Compose:
-    """Training augmentation: random resized crop, horizontal flip, then random erasing with this probability."""
+class UniformAspectErasing(torch.nn.Module):
+    """Random erasing with the aspect ratio drawn uniformly from [r, 1 / r] (Zhong et al. 2020, Alg. 1, as in
+    the intra-batch-mpn authors' code and the [Re] paper's Sec. 3.2: "the area and the aspect ratio are picked
+    uniformly at random"), up to 100 tries, filled with a constant per channel.
+
+    Hand-written: torchvision's ``RandomErasing`` draws the log of the ratio uniformly (and tries 10 times),
+    which makes elongated patches more frequent; its sampling is not configurable.
+    """
+
+    def __init__(self, p: float, scale: tuple[float, float] = ERASING_SCALE, min_ratio: float = ERASING_RATIO[0],
+                 value: tuple[float, ...] = ERASING_VALUE, attempts: int = 100) -> None:
+        super().__init__()
+        self.p, self.scale, self.min_ratio, self.attempts = p, scale, min_ratio, attempts
+        self.register_buffer("value", torch.tensor(value).view(-1, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Erase one patch of a C x H x W tensor in place with probability ``p``; return it."""
+        if float(torch.rand(())) >= self.p:
+            return image
+        _, h, w = image.shape
+        for _ in range(self.attempts):
+            area = float(torch.empty(()).uniform_(*self.scale)) * h * w
+            ratio = float(torch.empty(()).uniform_(self.min_ratio, 1 / self.min_ratio))
+            eh, ew = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+            if eh < h and ew < w:
+                top = int(torch.randint(0, h - eh + 1, ()))
+                left = int(torch.randint(0, w - ew + 1, ()))
+                image[:, top:top + eh, left:left + ew] = self.value.to(image.dtype)
+                return image
+        return image
+
+
+def train_transform(image_size: int, random_erasing: float = 0.0, crop_scale: tuple[float, float] = CROP_SCALE,
+                    erasing_aspect: str = "log_uniform") -> v2.Compose:
+    """Training augmentation: random resized crop (area fraction in ``crop_scale``), horizontal flip, then random
+    erasing with this probability, its aspect ratio drawn log-uniformly (torchvision) or uniformly (the
+    intra-batch-mpn authors, ``UniformAspectErasing``)."""
     steps = [
         v2.PILToTensor(),
-        v2.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True),
+        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
-    if random_erasing > 0:
+    if random_erasing > 0 and erasing_aspect == "uniform":
+        steps.append(UniformAspectErasing(random_erasing))
+    elif random_erasing > 0 and erasing_aspect == "log_uniform":
         steps.append(v2.RandomErasing(random_erasing, ERASING_SCALE, ERASING_RATIO, list(ERASING_VALUE)))
+    elif random_erasing > 0:
+        raise ValueError(f"erasing_aspect: unknown {erasing_aspect!r}; expected one of: log_uniform, uniform")
     return v2.Compose(steps)
-

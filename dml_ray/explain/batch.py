@@ -15,7 +15,7 @@ from dml_ray.explain.distcam import dist_cam
 from dml_ray.explain.gradcam import grad_cam, pair_scores, rgrad_cam, similarity_gradients
 
 GRADIENT_METHODS = {"gradcam": ("cosine", grad_cam), "gradcam_nonorm": ("dot", grad_cam),
-                    "rgradcam": ("cosine", rgrad_cam)}
+                    "rgradcam": ("product", rgrad_cam)}
 
 
 def reference_maps(head: nn.Module, feature_map_q: torch.Tensor, raw_r: torch.Tensor, bias_r: torch.Tensor,
@@ -24,7 +24,8 @@ def reference_maps(head: nn.Module, feature_map_q: torch.Tensor, raw_r: torch.Te
 
     decomposition / decomposition_bias: activation-decomposition-tip2021 Eq. 5 summed over the reference;
     distcam: dist-cam Eq. 4-6 against ``gap_r``; gradcam, gradcam_nonorm, rgradcam: Sec. V through one
-    backward of the head for the whole batch.
+    backward of the head for the whole batch (rgradcam differentiates the product ``E^q . E^r`` over a
+    constant ``Z``, so it equals decomposition_bias exactly; ``gradcam.py``).
     """
     with torch.no_grad():
         e_q, bias_q = head.equivalent_features(feature_map_q)

@@ -9,9 +9,12 @@ Decisions where the paper is silent:
 - ``norm(.)`` of Eq. 5 ("element-wise normalization") is taken as dividing by the sum, so the
   weights are positive and sum to 1. Any other rescaling by a positive number per pair (L2, max)
   gives the same map up to that factor.
-- ``D_k = 0`` (the query matches the reference exactly in channel k, e.g. a channel that is zero in
-  both) would give an infinite weight; distances are clamped to ``eps`` before the reciprocal, so
-  ``W_k D_k`` is constant over the channels with ``D_k >= eps``.
+- A channel whose GAP feature is zero in both the query and the reference (a dead channel: for
+  post-ReLU feature maps, zero everywhere in both images) carries no evidence: it gets weight 0 and is
+  left out of the normalisation, so the map is Eq. 4-6 over the live channels. (Clamping its
+  ``D_k = 0`` would give it weight ``1 / eps`` and shrink every other weight a millionfold.)
+- Any other ``D_k < eps`` (the query matches the reference exactly in a live channel) is clamped to
+  ``eps`` before the reciprocal, so ``W_k D_k`` is constant over the live channels with ``D_k >= eps``.
 """
 from __future__ import annotations
 
@@ -90,12 +93,15 @@ def dist_cam_weights(gap_q: torch.Tensor, gap_ref: torch.Tensor, eps: float = DE
         eps: lower bound on the distances before the reciprocal (see the module docstring).
 
     Returns:
-        ``W = (1 / D) / sum_k (1 / D_k)``, B x C, positive, each row summing to 1; computed in at least
-        float32 (``1 / eps`` overflows float16).
+        ``W = (1 / D) / sum_k (1 / D_k)`` over the live channels, B x C: positive there, 0 on channels
+        whose GAP feature is zero in both the query and the reference, each row summing to 1 (all zero
+        when every channel is dead); computed in at least float32 (``1 / eps`` overflows float16).
     """
     distances = channel_distances(gap_q, gap_ref)
     reciprocal = 1.0 / distances.to(torch.promote_types(distances.dtype, torch.float32)).clamp_min(eps)
-    return reciprocal / reciprocal.sum(dim=1, keepdim=True)
+    reciprocal = reciprocal.masked_fill((gap_q == 0) & (gap_ref == 0), 0.0)
+    total = reciprocal.sum(dim=1, keepdim=True)
+    return reciprocal / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def dist_cam(feature_map_q: torch.Tensor, gap_ref: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:

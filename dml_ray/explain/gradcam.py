@@ -7,7 +7,10 @@ takes ONE backward of ``sum_b s_b``; pairs do not interact through an eval-mode 
 gradient is pair b's gradient. Scores:
 
 - ``"cosine"``: ``s = E^q . E^r / (|E^q| |E^r|)`` (Grad-CAM, Eq. 10-14),
-- ``"dot"``: ``s = E^q . E^r`` ("Grad-CAM (no norm)", Sec. V).
+- ``"dot"``: ``s = E^q . E^r`` ("Grad-CAM (no norm)", Sec. V),
+- ``"product"``: ``s = E^q . E^r / Z`` with ``Z = |E^q| |E^r|`` held constant: the un-normalised
+  product, as the authors feed RGrad-CAM (github.com/Jeff-Zilence/Explain_Metric_Learning), in the
+  cosine's units. Its value is the cosine; its gradient has no term from the L2 normalisation.
 
 Maps from a feature map A and its gradient G = dS/dA:
 
@@ -17,7 +20,9 @@ Maps from a feature map A and its gradient G = dS/dA:
 
 What Sec. V gives, for every head of ``EmbeddingHead`` (W_ij, B with the GMP and ReLU masks fixed):
 
-- ``rgrad_cam`` with ``"dot"`` == ``Z * decomposition_bias_map`` exactly, for every pooling;
+- ``rgrad_cam`` with ``"product"`` == ``decomposition_bias_map`` exactly, for every pooling: this is
+  the method "rgradcam" (Sec. V: "If we remove the gradient term as well as the GAP term, the result is
+  actually equivalent to ... Decomposition+Bias"); with ``"dot"`` it is ``Z`` times that map;
 - ``rgrad_cam`` with ``"cosine"`` == ``e_ij . (E^r - (u . E^r) u) / Z`` with ``u = E^q / |E^q|``
   (the Jacobian of the L2 normalisation, Eq. 12 and 14);
 - ``grad_cam`` == ``ReLU`` of the same two maps when W_ij does not depend on (i, j), i.e. a GAP head
@@ -37,17 +42,18 @@ from torch import nn
 
 from dml_ray.explain.cam import channel_weighted_sum
 
-Score = Literal["cosine", "dot"]
-SCORES: tuple[str, ...] = ("cosine", "dot")
+Score = Literal["cosine", "dot", "product"]
+SCORES: tuple[str, ...] = ("cosine", "dot", "product")
 
 
 def pair_scores(raw_q: torch.Tensor, raw_r: torch.Tensor, score: Score = "cosine") -> torch.Tensor:
-    """The score of each pair (activation-decomposition-tip2021 Eq. 2 for "cosine", Sec. V for "dot").
+    """The score of each pair (activation-decomposition-tip2021 Eq. 2 for "cosine", Sec. V for "dot" / "product").
 
     Args:
         raw_q: raw query embeddings E^q, B x d.
         raw_r: raw reference embeddings E^r, B x d.
-        score: "cosine" (``E^q . E^r / |E^q||E^r|``) or "dot" (``E^q . E^r``).
+        score: "cosine" (``E^q . E^r / |E^q||E^r|``), "dot" (``E^q . E^r``) or "product" (``E^q . E^r / Z``
+            with the normaliser ``Z = |E^q||E^r|`` detached: the cosine's value, the product's gradient).
 
     Returns:
         The scores, B.
@@ -55,8 +61,11 @@ def pair_scores(raw_q: torch.Tensor, raw_r: torch.Tensor, score: Score = "cosine
     dot = torch.einsum("bd,bd->b", raw_q, raw_r)
     if score == "dot":
         return dot
+    z = raw_q.norm(dim=1) * raw_r.norm(dim=1)
     if score == "cosine":
-        return dot / (raw_q.norm(dim=1) * raw_r.norm(dim=1))
+        return dot / z
+    if score == "product":
+        return dot / z.detach()
     raise ValueError(f"score: unknown score {score!r}; expected one of: {', '.join(SCORES)}")
 
 
@@ -88,7 +97,7 @@ def similarity_gradients(
         feature_map_q: query feature maps A^q, B x C x H x W, in the head's dtype.
         raw_r: reference raw embeddings E^r, B x d (exclusive with ``feature_map_r``).
         feature_map_r: reference feature maps A^r, B x C x X x Y (exclusive with ``raw_r``).
-        score: "cosine" (Grad-CAM) or "dot" (Grad-CAM (no norm)).
+        score: "cosine" (Grad-CAM), "dot" (Grad-CAM (no norm)) or "product" (RGrad-CAM).
 
     Returns:
         ``SimilarityGradients(score B, dS/dA^q, dS/dA^r or None)``.

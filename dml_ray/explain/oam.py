@@ -40,6 +40,33 @@ def object_attention_rows(maps: torch.Tensor, image_ids: list[str], run_id: str)
     }, schema=ACTIVATION_MAPS_SCHEMA)
 
 
+def explain_deml_pair(model: DeMLModel, query: torch.Tensor, reference: torch.Tensor) -> dict[str, np.ndarray]:
+    """Arrays for a pair of transformed images (3 x S x S each) through a DeML model (Sec. 3.1-3.2, Fig. 4).
+
+    ``oam_query`` / ``oam_reference``: scale 1's object-attention proposal (h x w, the inception4e grid);
+    ``cam<j>_query`` / ``cam<j>_reference`` (j = 1..J): the proposal of channel-attention branch j alone
+    (their mean is the OAM map); ``cam_weights_query`` / ``cam_weights_reference``: each CAM's channel
+    weights (J x C); ``learner_cosine``: the cosine between query and reference of each of the I J
+    learners (scale-major); ``cosine``: the holistic embeddings' cosine (Eq. 1).
+    """
+    model = model.eval()
+    pair = torch.stack([query, reference])
+    with torch.no_grad():
+        out = model(pair)
+        branches, weights = model.branch_attention(pair)
+    learners = torch.nn.functional.normalize(out.learners, dim=2)
+    arrays: dict[str, np.ndarray] = {
+        "cosine": np.float32(torch.dot(out.embedding[0], out.embedding[1])),
+        "learner_cosine": (learners[0] * learners[1]).sum(1).numpy(),
+    }
+    for side, b in (("query", 0), ("reference", 1)):
+        arrays[f"oam_{side}"] = branches[b].mean(0).numpy()
+        arrays[f"cam_weights_{side}"] = weights[b].numpy()
+        for j in range(model.branches):
+            arrays[f"cam{j + 1}_{side}"] = branches[b, j].numpy()
+    return arrays
+
+
 class ObjectAttentionMapper:
     """Ray Data actor: decoded image batches -> ``oam`` activation-map rows (rows with an error are dropped)."""
 

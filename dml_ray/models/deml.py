@@ -68,9 +68,12 @@ class ChannelAttention(nn.Module):
         self.squeeze = nn.Linear(channels, hidden)
         self.excite = nn.Linear(hidden, channels)
 
+    def weights(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The channel weights sigmoid(W2 relu(W1 GAP(U))), B x C in (0, 1)."""
+        return torch.sigmoid(self.excite(torch.relu(self.squeeze(feature_map.mean(dim=(2, 3))))))
+
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        weights = torch.sigmoid(self.excite(torch.relu(self.squeeze(feature_map.mean(dim=(2, 3))))))
-        return feature_map * weights[:, :, None, None]
+        return feature_map * self.weights(feature_map)[:, :, None, None]
 
 
 class _Sequence(nn.Module):
@@ -163,6 +166,11 @@ class DeMLModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.learner_dim * self.scales * self.branches
 
+    def head_rate_parameters(self) -> list[nn.Parameter]:
+        """The learners' FC weights: the only parameters at ``head_lr_multiplier`` x lr (Sec. 4, "10 times
+        learning rate for the learners"); the backbone and the CAMs learn at the base rate."""
+        return list(self.learners.parameters())
+
     def _scale(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale i on input x: learner outputs (B x J x d'), inception4e and inception5b maps (J B x C x h x w)."""
         f = self.backbone[i].fnet(x)
@@ -195,6 +203,19 @@ class DeMLModel(nn.Module):
         weights = torch.stack([fc.weight for scale in self.learners for fc in scale])
         box_tensor = torch.stack(boxes, dim=1) if boxes else images.new_zeros(len(images), 0, 4)
         return DeMLOutput(feature_map, raw, raw / math.sqrt(stacked.shape[1]), stacked, box_tensor, weights)
+
+    def branch_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each channel-attention branch of scale 1 does to ``images``: its object-attention proposal at
+        the inception4e grid (B x J x h x w; their mean is ``object_attention``) and its CAM's channel
+        weights on the FNet map (B x J x C; all 1 without channel attention)."""
+        f = self.backbone[0].fnet(images)
+        weights = torch.stack([cam.weights(f) if isinstance(cam, ChannelAttention) else torch.ones_like(f[:, :, 0, 0])
+                               for cam in self.cams[0]], dim=1)
+        u4e, u5b = self.backbone[0].gnet(torch.cat([cam(f) for cam in self.cams[0]]))
+        size = (u4e.shape[2], u4e.shape[3])
+        with torch.no_grad():
+            maps = attention_proposal([u4e.detach(), u5b.detach()], size, self.cfg.walk_steps)
+        return maps.view(self.branches, len(images), *size).transpose(0, 1), weights
 
     def object_attention(self, images: torch.Tensor) -> torch.Tensor:
         """Scale 1's object-attention proposal at the inception4e grid (B x h x w), in the input's frame."""

@@ -14,18 +14,29 @@ from dml_ray.explain.decomposition import upsample_map  # noqa: E402
 from dml_ray.report.plots import figure_png  # noqa: E402
 
 METHOD_TITLES = {"decomposition": "Decomposition", "decomposition_bias": "Decomposition+Bias", "distcam": "Dist-CAM",
-                 "gradcam": "Grad-CAM", "gradcam_nonorm": "Grad-CAM (no norm)", "rgradcam": "RGrad-CAM"}
+                 "gradcam": "Grad-CAM", "gradcam_nonorm": "Grad-CAM (no norm)", "rgradcam": "RGrad-CAM",
+                 "oam": "OAM"}
 
 
 def to_pixels(activation: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A feature-grid map bilinearly upsampled to ``size`` and min-max normalised to [0, 1]."""
-    up = upsample_map(torch.from_numpy(np.asarray(activation, dtype=np.float32)), size).numpy()
-    lo, hi = up.min(), up.max()
-    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+    """The one display rule of every painted map: ReLU, divide by the maximum, bilinear upsampling to ``size``.
+
+    What activation-decomposition-tip2021's figures and the authors' code show (``max(map, 0) / max``):
+    positive evidence in [0, 1] with the peak at 1; negative evidence and zero are both 0, so a signed
+    map's negative regions are never painted as weak positive (min-max stretching did). The sign is
+    decided on the feature grid, before upsampling, so interpolation ripples of a zero or negative map
+    never become a full-scale stretch. A map without positive values shows nothing (all 0).
+    """
+    grid = np.maximum(np.asarray(activation, dtype=np.float32), 0.0)
+    peak = float(grid.max()) if grid.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return np.zeros(size, dtype=np.float32)
+    up = np.clip(upsample_map(torch.from_numpy(grid / peak), size).numpy(), 0.0, None)
+    return up / up.max()
 
 
 def overlay(ax, image: np.ndarray, activation: Optional[np.ndarray], title: str = "") -> None:
-    """Draw ``image`` with ``activation`` (feature-grid resolution) as a translucent heat map."""
+    """Draw ``image`` with ``activation`` (feature-grid resolution) as a translucent heat map (``to_pixels``)."""
     ax.imshow(image)
     if activation is not None:
         ax.imshow(to_pixels(activation, image.shape[:2]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
@@ -50,6 +61,23 @@ def pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.n
     axes[0, -1].plot([(col + 0.5) * query.shape[1] / grid[1]], [(row + 0.5) * query.shape[0] / grid[0]],
                      marker="x", color="white", markersize=12, mew=3)
     overlay(axes[1, -1], reference, arrays["point_specific_reference"], "point-specific")
+    return figure_png(fig)
+
+
+def deml_pair_figure(query: np.ndarray, reference: np.ndarray, arrays: dict[str, np.ndarray], branches: int) -> bytes:
+    """PNG for a DeML pair (``explain_deml_pair``): the object-attention map and each channel-attention
+    branch's proposal on the query (top row) and the reference (bottom row), titled with each learner's cosine
+    (deml-zero-shot-retrieval Fig. 4a)."""
+    cols = branches + 2
+    fig, axes = plt.subplots(2, cols, figsize=(2.1 * cols, 4.6), squeeze=False)
+    overlay(axes[0, 0], query, None, "query")
+    overlay(axes[1, 0], reference, None, f"reference (cos {float(arrays['cosine']):.3f})")
+    cos = arrays["learner_cosine"]
+    for r, side in enumerate(("query", "reference")):
+        overlay(axes[r, 1], query if r == 0 else reference, arrays[f"oam_{side}"], "OAM" if r == 0 else "")
+        for j in range(branches):
+            title = f"CAM {j + 1} (cos {float(cos[j]):.2f})" if r == 0 else ""
+            overlay(axes[r, j + 2], query if r == 0 else reference, arrays[f"cam{j + 1}_{side}"], title)
     return figure_png(fig)
 
 
