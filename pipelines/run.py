@@ -14,7 +14,6 @@ from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join
 from dml_ray.io.run import Run, open_run
-from dml_ray.io.schemas import METRICS_SCHEMA
 from dml_ray.models.checkpoint import load_checkpoint, versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
@@ -25,7 +24,7 @@ from pipelines.localize import run_localize
 from pipelines.mpn import run_mpn
 from pipelines.ray_env import check_gpu_request, ensure_ray
 from pipelines.report import REPORT_FILE, write_report
-from pipelines.train import model_uri, run_train
+from pipelines.train import model_uri, run_train, training_metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +106,9 @@ def _stage_data(cfg: RunConfig, run: Run) -> dict:
 
 def _stage_train(cfg: RunConfig, run: Run) -> dict:
     result = run_train(run.table_uri("images"), cfg)
-    rows = [{"run_id": cfg.run_id, "stage": "train", "split": "train", "metric": name, "k": int(h["epoch"]),
-             "value": float(value)} for h in result.history for name, value in h.items()
-            if name not in ("epoch", "attempt", "steps", "seconds")]
-    run.commit("metrics", pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), part="train", replace=True)
-    return {"checkpoint": result.checkpoint_uri, "history": result.history}
+    run.commit("metrics", training_metrics(result, cfg.run_id), part="train", replace=True)
+    return {"checkpoint": result.checkpoint_uri, "history": result.history, "selected_epoch": result.selected_epoch,
+            "stopped_early": result.stopped_early}
 
 
 def _stage_embed(cfg: RunConfig, run: Run) -> dict:
