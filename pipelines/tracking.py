@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any, Optional
 
-from dml_ray.config import RunConfig
+from dml_ray.config import RunConfig, uri_scheme
 from dml_ray.io.fs import is_local
 from dml_ray.io.run import Run
 
@@ -38,13 +38,13 @@ class Trackers:
         self.writer = None
         self.mlflow = None
         self._local_dir: Optional[str] = None
+        self._remote: Optional[str] = None
         if cfg.tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             target = run.path(*TENSORBOARD_DIR)
             if is_local(run.fs):
                 self._local_dir = run.fs_path(target)
-                self._remote = None
             else:
                 self._local_dir = tempfile.mkdtemp(prefix="dml_ray_tb_")
                 self._remote = target
@@ -52,6 +52,9 @@ class Trackers:
         if cfg.tracking.mlflow_uri:
             from ray.air.integrations.mlflow import setup_mlflow
 
+            if uri_scheme(cfg.tracking.mlflow_uri) == "file":
+                # MLflow 3 refuses its file store unless asked for explicitly: a file: URI in the config is that
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             config = cfg.model_dump(mode="json", exclude={"storage": {"options"}})
             self.mlflow = setup_mlflow(flat_params(config), tracking_uri=cfg.tracking.mlflow_uri,
                                        experiment_name=cfg.tracking.mlflow_experiment, run_name=cfg.run_id,
