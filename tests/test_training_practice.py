@@ -5,6 +5,7 @@ The training runs are in-process (``train.num_workers: 0``): no Ray cluster, a f
 """
 from __future__ import annotations
 
+import io
 import logging
 
 import numpy as np
@@ -144,6 +145,13 @@ def test_validation_rows_in_metrics(scripted_run):
     assert [val[("map_at_r", e)] for e in range(4)] == pytest.approx([m["map_at_r"] for m in real])
     assert val[("selected_epoch", None)] == 1
     assert {r["metric"] for r in rows if r["split"] == "train"} >= {"loss", "lr", "images_per_s"}
+    # the report's training figure gains a validation panel
+    from dml_ray.report.plots import run_summary_png
+
+    table = training_metrics(result, "r")
+    with_val = Image.open(io.BytesIO(run_summary_png(table, "t")))
+    without = Image.open(io.BytesIO(run_summary_png(table.filter(pc.equal(table.column("split"), "train")), "t")))
+    assert with_val.width > 1.4 * without.width
 
 
 def test_tensorboard_scalars_read_back(images_run, scripted_run):
@@ -161,7 +169,7 @@ def test_tensorboard_scalars_read_back(images_run, scripted_run):
 
 
 def test_mlflow_scalars_read_back(scripted_run, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
     cfg, result, _, _, mlruns = scripted_run
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = mlflow.tracking.MlflowClient(tracking_uri=f"file:{mlruns}")
