@@ -1,6 +1,7 @@
 """A whole run: data -> train -> embed -> evaluate -> knn -> mpn -> explain -> localize -> report, each stage once."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import time
@@ -223,13 +224,16 @@ def stage(name: str) -> Stage:
     raise ValueError(f"unknown stage '{name}'; expected one of: {', '.join(STAGE_NAMES)}")
 
 
-def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
+def run_pipeline(cfg: RunConfig, only: Optional[str] = None, lock: bool = True) -> RunSummary:
     """Run the configured stages (or just the stage ``only``) in order under the output root's lock; a stage
-    whose outputs are committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
+    whose outputs are committed is skipped. ``latest`` moves to this run last, once every configured stage is done.
+
+    ``lock=False``: the caller holds the output root's lock for this run (a sweep's trials, pipelines/tune.py);
+    ``latest`` is then left alone."""
     chosen = [stage(only)] if only is not None else [s for s in STAGES if s.name in cfg.stages]
     run = open_run(cfg.output_root, cfg.run_id, cfg.storage, create=True)
     summary = RunSummary(cfg.run_id, run.uri)
-    with run.lock():
+    with run.lock() if lock else contextlib.nullcontext():
         config = cfg.model_dump(mode="json", exclude={"storage": {"options"}})
         run.update_manifest(config=config, versions=versions(), git_sha=_git_sha())
         ensure_ray()
@@ -260,7 +264,7 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
             summary.figure = figure
         report = run.path(REPORT_FILE)
         summary.report = report if run.exists(report) else None
-        if all(s.done(cfg, run) for s in STAGES if s.name in cfg.stages):
+        if lock and all(s.done(cfg, run) for s in STAGES if s.name in cfg.stages):
             run.set_latest()
             summary.latest = True
     return summary
