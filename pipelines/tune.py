@@ -26,6 +26,21 @@ log = logging.getLogger(__name__)
 
 TRIAL_STAGES = ["data", "train", "embed", "evaluate"]
 PART = "tune"
+# what a trial's own actor reserves: no CPU (its run's work is scheduled outside it, ``_trial``; even 0.01 CPU
+# would leave 1.99 of 2 and starve a 1-CPU Ray Data task beside a 1-CPU embedding actor), and a placement
+# group bundle cannot be empty: 64 MiB of memory
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
+
+
+def _value(text: str) -> Any:
+    """A grid value as YAML, with numbers YAML 1.1 leaves as strings (``1e-4``) read as floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
@@ -35,7 +50,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
         key, sep, values = spec.partition("=")
         if not sep or not key or not values:
             raise ValueError(f"--grid {spec!r}: expected KEY=VALUE[,VALUE...]")
-        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+        grid[key.strip()] = [_value(v) for v in values.split(",")]
     if not grid:
         raise ValueError("tune: give at least one --grid KEY=VALUES")
     return grid
@@ -84,17 +99,31 @@ def objective_metrics(run: Run) -> dict[str, float]:
     return out
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], sweep_id: str) -> None:
-    """One Tune trial: a run with the trial's overrides, reported to Tune with its metrics."""
-    import ray.tune
-
+def _run_trial(config: dict[str, Any]) -> dict[str, float]:
     from pipelines.run import run_pipeline
+
+    cfg = parse_config(config)
+    run_pipeline(cfg, lock=False)
+    return objective_metrics(open_run(cfg.output_root, cfg.run_id, cfg.storage))
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], sweep_id: str) -> None:
+    """One Tune trial: a run with the trial's overrides, reported to Tune with its metrics.
+
+    Tune places a trial in a placement group that captures its child tasks; the run's Ray Data actors, Ray
+    Train workers and evaluation tasks must be scheduled on the cluster instead, so the run executes in a
+    zero-CPU task outside any placement group.
+    """
+    import ray
+    import ray.tune
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     index = int(ray.tune.get_context().get_trial_id().rsplit("_", 1)[-1])
     run_id = f"{sweep_id}-t{index:02d}"
-    cfg = parse_config({**apply_overrides(base, params), "run_id": run_id, "stages": TRIAL_STAGES})
-    run_pipeline(cfg, lock=False)
-    ray.tune.report({"run_id": run_id, **objective_metrics(open_run(cfg.output_root, run_id, cfg.storage))})
+    config = {**apply_overrides(base, params), "run_id": run_id, "stages": TRIAL_STAGES}
+    task = ray.remote(num_cpus=0, max_retries=0)(_run_trial).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    ray.tune.report({"run_id": run_id, **ray.get(task.remote(config))})
 
 
 @dataclass
@@ -146,10 +175,10 @@ def run_sweep(cfg: RunConfig, grid: dict[str, list[Any]], samples: Optional[int]
         fs, path = pyarrow_fs(join(base["output_root"], "_tune"), sweep.storage_options)
         fs.create_dir(path, recursive=True)
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_trial, base=base, sweep_id=cfg.run_id), {"cpu": 0}),
+            tune.with_resources(tune.with_parameters(_trial, base=base, sweep_id=cfg.run_id), TRIAL_RESOURCES),
             param_space=space,
             tune_config=tune.TuneConfig(num_samples=samples or 1, max_concurrent_trials=max_concurrent,
-                                        search_alg=BasicVariantGenerator(random_state=seed)),
+                                        search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)),
             run_config=tune.RunConfig(name=cfg.run_id, storage_path=path, storage_filesystem=fs, verbose=0),
         )
         log.info("tune: sweep %s, %s, at most %d trials at once", cfg.run_id,
