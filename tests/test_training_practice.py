@@ -321,3 +321,14 @@ def test_upsampling_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="dml_ray.data.transforms"):
         warn_if_upsampling([48] * 4, [48] * 4, resize=64, image_size=56)
     assert caplog.text == ""
+
+
+def test_tracker_names_cover_every_statistic():
+    from pipelines.train import _scalars
+
+    record = {"loss": 1.0, "lr": 0.1, "images_per_s": 5.0, "mpn_attention_kl_l0_h1": 0.3,
+              "mpn_same_class_mass_l0_h1": 0.6, "val_map_at_r": 0.2, "epoch": 3, "attempt": 0, "steps": 4,
+              "seconds": 1.0}
+    assert _scalars(record) == {"train/loss": 1.0, "train/lr": 0.1, "train/images_per_s": 5.0,
+                                "train/mpn_attention_kl_l0_h1": 0.3, "train/mpn_same_class_mass_l0_h1": 0.6,
+                                "val/map_at_r": 0.2}
