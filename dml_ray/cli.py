@@ -1,4 +1,4 @@
-"""The ``dml-ray`` command: demo, synth, run, explain, report, compare, query, unlock."""
+"""The ``dml-ray`` command: demo, synth, run, tune, explain, report, compare, query, unlock."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_id:
         overrides["run_id"] = args.run_id
     return _run(args.config, overrides)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.tune import parse_grid, run_sweep
+
+    overrides = parse_sets(args.set)
+    if args.run_id:
+        overrides["run_id"] = args.run_id
+    cfg = load_config(args.config, overrides)
+    grid = parse_grid(args.grid)
+    result = run_sweep(cfg, grid, samples=args.samples, max_concurrent=args.max_concurrent, metric=args.metric)
+    names = sorted({m for t in result.trials for m in t["metrics"]})
+    print(f"\nsweep {result.sweep_id}: {len(result.trials)} trials, best first by {result.metric}")
+    print("  ".join([f"{'run':<24}", *[f"{k:<22}" for k in grid], *[f"{m:>16}" for m in names]]))
+    for t in result.trials:
+        values = [f"{t['metrics'][m]:>16.4f}" if m in t["metrics"] else f"{'-':>16}" for m in names]
+        cells = [f"{str(t['run_id'] or 'failed'):<24}", *[f"{str(t['overrides'].get(k)):<22}" for k in grid], *values]
+        print("  ".join(cells) + (f"  error: {t['error']}" if t["error"] else ""))
+    print(f"compare the trials: dml-ray compare --root {cfg.output_root} {result.sweep_id}")
+    return 0 if all(t["error"] is None for t in result.trials) else 1
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -172,7 +192,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.compare import HEADER, write_comparison
 
-    uri, rows = write_comparison(args.root, [validate_run_id(run) for run in args.runs])
+    from dml_ray.io.run import open_run
+    from pipelines.tune import sweep_trials
+
+    runs = []
+    for run_id in args.runs:  # a sweep's id stands for its trials
+        runs += sweep_trials(open_run(args.root, validate_run_id(run_id))) or [run_id]
+    uri, rows = write_comparison(args.root, runs)
     widths = [max(len(h), 10) for h in HEADER]
     print("  ".join(h.rjust(w) for h, w in zip(HEADER, widths)))
     for row in rows:
@@ -202,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("tune", help="a hyper-parameter sweep on Ray Tune: each trial a run (train, embed, evaluate)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values of one config key, e.g. --grid train.optimizer.lr=1e-4,3e-4 (repeatable); a grid "
+                        "runs every combination")
+    p.add_argument("--samples", type=int, help="random search instead: this many trials, each value drawn from its "
+                                                "--grid list")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as cluster CPUs allow)")
+    p.add_argument("--metric", help="ranks the trials (default: val_recall_at_1 with train.validation, else "
+                                    "recall_at_1 on the test classes)")
+    p.add_argument("--run-id", help="the sweep's id (default: the config's); trials are <id>-t00, <id>-t01, ...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("synth", help="write a synthetic dataset in the CUB-200-2011 layout")
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=int, default=20)
@@ -227,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="model diagnosis: runs side by side, train vs test")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids; a sweep's id (dml-ray tune) means its trials")
     p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
     p.set_defaults(func=cmd_compare)
 

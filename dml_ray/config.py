@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DatasetKind = Literal["synthetic", "cub", "cars196", "sop", "inshop", "folder"]
 LossName = Literal["multi_similarity", "triplet", "contrastive", "proxy_anchor", "binomial_deviance"]
 Stage = Literal["data", "train", "embed", "evaluate", "knn", "mpn", "explain", "localize", "report"]
+Precision = Literal["fp32", "bf16", "fp16"]
 log = logging.getLogger(__name__)
 
 MapMethod = Literal["decomposition", "decomposition_bias", "distcam", "gradcam", "gradcam_nonorm", "rgradcam", "oam"]
@@ -164,6 +165,34 @@ class SchedulerConfig(Strict):
     gamma: float = Field(0.1, gt=0)
 
 
+class ValidationConfig(Strict):
+    """Zero-shot validation during training: a fraction of the *training* classes is held out of training and
+    evaluated every ``every`` epochs; the best evaluation's model becomes the run's model."""
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="fraction of the training classes held out (0: no "
+                                                           "validation, the last epoch's model is kept)")
+    every: int = Field(1, ge=1, description="evaluate after every N-th epoch (and after the last)")
+    metric: Literal["recall_at_1", "map_at_r"] = Field("recall_at_1", description="selects the kept checkpoint")
+    patience: Optional[int] = Field(None, ge=1, description="stop after this many evaluations without gain "
+                                                            "(None: never stop early)")
+    min_delta: float = Field(0.0, ge=0, description="a gain is an improvement by more than this")
+    seed: int = Field(0, description="which classes are held out")
+    batch_size: int = Field(64, ge=1, description="images per forward pass when embedding the held-out images")
+
+
+class AugmentConfig(Strict):
+    """One torchvision.transforms.v2 transform by class name, with its keyword arguments."""
+
+    name: str = Field(..., description="a class of torchvision.transforms.v2, e.g. RandomResizedCrop")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def default_augmentations() -> list[AugmentConfig]:
+    """Today's training augmentation: a random resized crop of 30-100 % of the area, then a horizontal flip."""
+    return [AugmentConfig(name="RandomResizedCrop", params={"scale": [0.3, 1.0]}),
+            AugmentConfig(name="RandomHorizontalFlip")]
+
+
 class TrainConfig(Strict):
     epochs: int = Field(5, ge=1)
     classes_per_batch: int = Field(8, ge=1, description="P of the P x K batches, per worker")
@@ -183,20 +212,24 @@ class TrainConfig(Strict):
     erasing_aspect: Literal["log_uniform", "uniform"] = Field(
         "log_uniform", description="how random erasing draws the patch's aspect ratio in [0.3, 3.3]: log-uniformly "
                                    "(torchvision) or uniformly (intra-batch-mpn Sec. 3.2 and the authors' code)")
-    crop_scale: tuple[float, float] = Field((0.3, 1.0), description="area fraction range of the random resized crop "
-                                                                    "(the intra-batch-mpn authors: torchvision's "
-                                                                    "default 0.08-1)")
     batch_factorisation: Literal["fixed", "random"] = Field(
         "fixed", description="fixed: classes_per_batch x samples_per_class every step; random: each epoch draws "
                              "P x K afresh among the factorisations of their product (the intra-batch-mpn authors' "
                              "CUB setting)")
+    augmentations: list[AugmentConfig] = Field(
+        default_factory=default_augmentations,
+        description="torchvision.transforms.v2 transforms applied in order to the uint8 image tensor; a transform "
+                    "taking a size (RandomResizedCrop, RandomCrop, CenterCrop, Resize) gets data.image_size unless "
+                    "params sets it; the output is resized / cropped to image_size if it is not already")
+    validation: ValidationConfig = ValidationConfig()
+    precision: Precision = Field("fp32", description="autocast dtype of the forward pass: bf16 (GPU and CPU), "
+                                                     "fp16 (GPU only, with a gradient scaler)")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _crop_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"crop_scale {list(scale)} must satisfy 0 < low <= high <= 1")
-        return scale
+    @model_validator(mode="after")
+    def _fp16_on_gpu(self) -> "TrainConfig":
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
+        return self
 
 
 class EmbedConfig(Strict):
@@ -211,6 +244,14 @@ class EmbedConfig(Strict):
                                                   "a second backbone pass")
     incremental: bool = Field(True, description="copy, not recompute, the rows of images whose (image_id, content "
                                                 "hash, model_id) an earlier committed run of output_root embedded")
+    precision: Precision = Field("fp32", description="autocast dtype of the forward pass (fp16: GPU only); "
+                                                     "outputs are stored as float32 either way")
+
+    @model_validator(mode="after")
+    def _fp16_on_gpu(self) -> "EmbedConfig":
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
+        return self
 
 
 class EvaluateConfig(Strict):
@@ -261,6 +302,14 @@ class ExplainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
     use_gpu: bool = Field(False, description="a GPU per actor for the model pass of DeML's oam maps")
+    precision: Precision = Field("fp32", description="autocast dtype of the map computations (fp16: GPU only); "
+                                                     "maps are stored as float32 either way")
+
+    @model_validator(mode="after")
+    def _fp16_on_gpu(self) -> "ExplainConfig":
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
+        return self
 
 
 class LocalizeConfig(Strict):
@@ -309,6 +358,16 @@ def validate_run_id(run_id: str) -> str:
         raise ValueError(f"run id {run_id!r} is not a name: use letters, digits, '.', '_' and '-', starting with a "
                          "letter or digit (at most 128 characters)")
     return run_id
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers the train stage logs its per-epoch scalars to."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in runs/<id>/logs/tensorboard/")
+    mlflow_uri: Optional[str] = Field(None, description="MLflow tracking URI (a server, or file:/path for a local "
+                                                        "store); None: no MLflow. Needs the mlflow extra")
+    mlflow_experiment: str = Field("dml_ray", description="MLflow experiment (created if missing); the MLflow run "
+                                                          "is named after the run id")
 
 
 def uri_scheme(uri: str) -> str:
@@ -360,6 +419,7 @@ class RunConfig(Strict):
     explain: ExplainConfig = ExplainConfig()
     localize: LocalizeConfig = LocalizeConfig()
     storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("run_id")
     @classmethod

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dml_ray.config import OptimizerConfig, SchedulerConfig
+from dml_ray.precision import as_float32, autocast, grad_scaler
 
 
 def head_rate_parameters(module: nn.Module) -> set[int]:
@@ -58,19 +59,34 @@ def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epoc
 
 
 def train_epoch(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """One pass over ``batches``: the mean of every statistic the objective reports, plus steps, images, seconds."""
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                precision: str = "fp32", scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
+    """One pass over ``batches``: the mean of every statistic the objective reports, plus steps, images, seconds.
+
+    The model's forward pass runs under autocast for ``precision`` (bf16 / fp16); the objective runs in
+    float32 on the float32 copies of the outputs. With fp16 pass the ``scaler`` (``grad_scaler``), kept
+    across epochs so its scale adapts.
+    """
     model.train()
     objective.train()
     totals: dict[str, float] = defaultdict(float)
     steps, images = 0, 0
     start = time.perf_counter()
+    if precision == "fp16" and scaler is None:
+        scaler = grad_scaler(precision, device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, stats = objective(model(x), y)
+        with autocast(precision, device):
+            output = model(x)
+        loss, stats = objective(as_float32(output), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         for name, value in stats.items():
             totals[name] += value
         steps += 1

@@ -91,6 +91,7 @@ def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: Data
         HashedEmbedder,
         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id, "num_threads": num_threads,
                                "use_gpu": cfg.use_gpu, "storage_options": so, "feature_maps": cfg.feature_maps,
+                               "precision": cfg.precision,
                                "crash_once": crash_once},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
         batch_size=cfg.batch_size,

@@ -31,6 +31,7 @@ from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
 from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri, write_table
 from dml_ray.models.checkpoint import LoadedModel, load_checkpoint
+from dml_ray.precision import autocast
 from dml_ray.report.overlays import gallery_figure
 from dml_ray.retrieval.prototypes import class_prototypes, fixed_list_to_numpy
 from dml_ray.retrieval.search import search_excluding_self
@@ -133,9 +134,10 @@ class MapMaker:
     """Ray Data actor: stored feature maps of a batch -> activation-map rows for each of their references."""
 
     def __init__(self, checkpoint_uri: str, references: pa.Table, methods: list[str], run_id: str,
-                 num_threads: int = 1, storage_options: Optional[dict] = None) -> None:
+                 num_threads: int = 1, storage_options: Optional[dict] = None, precision: str = "fp32") -> None:
         torch.set_num_threads(num_threads)
         self.head = load_checkpoint(checkpoint_uri, storage_options).model.head.eval()
+        self.precision = precision
         self.methods, self.run_id = methods, run_id
         self.references = references
         self.ref_ids = references.column("image_id").combine_chunks()
@@ -148,11 +150,12 @@ class MapMaker:
         a = feature_map_tensor(batch)
         h, w = a.shape[2:]
         q_index = torch.from_numpy(pc.index_in(refs.column("image_id"), value_set=batch_ids).to_numpy())
-        maps, scores = reference_maps(
-            self.head, a[q_index],
-            torch.from_numpy(fixed_list_to_numpy(refs.column("ref_raw"))),
-            torch.from_numpy(fixed_list_to_numpy(refs.column("ref_bias"))),
-            torch.from_numpy(fixed_list_to_numpy(refs.column("ref_gap"))), self.methods)
+        with autocast(self.precision, torch.device("cpu")):
+            maps, scores = reference_maps(
+                self.head, a[q_index],
+                torch.from_numpy(fixed_list_to_numpy(refs.column("ref_raw"))),
+                torch.from_numpy(fixed_list_to_numpy(refs.column("ref_bias"))),
+                torch.from_numpy(fixed_list_to_numpy(refs.column("ref_gap"))), self.methods)
         n = refs.num_rows
         out = []
         for method, m in maps.items():
@@ -217,7 +220,7 @@ def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, output_root: 
     ds = ds.map_batches(ObjectAttentionMapper,
                         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id,
                                                "num_threads": num_threads, "use_gpu": cfg.use_gpu,
-                                               "storage_options": so},
+                                               "storage_options": so, "precision": cfg.precision},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)
     staging = staging_uri(output_root, run_id, "activation_maps")
@@ -251,7 +254,8 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
     ds = ds.map_batches(
         MapMaker, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "references": references,
                                          "methods": list(cfg.methods), "run_id": run_id,
-                                         "num_threads": num_threads, "storage_options": so},
+                                         "num_threads": num_threads, "storage_options": so,
+                                         "precision": cfg.precision},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
     staging = staging_uri(output_root, run_id, "activation_maps")

@@ -1,6 +1,7 @@
 """A whole run: data -> train -> embed -> evaluate -> knn -> mpn -> explain -> localize -> report, each stage once."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -16,7 +17,6 @@ from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join
 from dml_ray.io.run import Run, open_run
-from dml_ray.io.schemas import METRICS_SCHEMA
 from dml_ray.models.checkpoint import load_checkpoint, versions
 from dml_ray.report.plots import run_summary_png
 from pipelines.embed import run_embed
@@ -28,7 +28,7 @@ from pipelines.mpn import run_mpn
 from pipelines.preflight import preflight
 from pipelines.ray_env import check_gpu_request, ensure_ray
 from pipelines.report import REPORT_FILE, write_report
-from pipelines.train import model_uri, run_train
+from pipelines.train import model_uri, run_train, training_metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,9 @@ def _stage_data(cfg: RunConfig, run: Run) -> dict:
 
 def _stage_train(cfg: RunConfig, run: Run) -> dict:
     result = run_train(run.table_uri("images"), cfg)
-    rows = [{"run_id": cfg.run_id, "stage": "train", "split": "train", "metric": name, "k": int(h["epoch"]),
-             "value": float(value)} for h in result.history for name, value in h.items()
-            if name not in ("epoch", "attempt", "steps", "seconds")]
-    run.commit("metrics", pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), part="train", replace=True)
-    return {"checkpoint": result.checkpoint_uri, "history": result.history}
+    run.commit("metrics", training_metrics(result, cfg.run_id), part="train", replace=True)
+    return {"checkpoint": result.checkpoint_uri, "history": result.history, "selected_epoch": result.selected_epoch,
+            "stopped_early": result.stopped_early}
 
 
 def _stage_embed(cfg: RunConfig, run: Run) -> dict:
@@ -232,16 +230,20 @@ def stage(name: str) -> Stage:
     raise ValueError(f"unknown stage '{name}'; expected one of: {', '.join(STAGE_NAMES)}")
 
 
-def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
+def run_pipeline(cfg: RunConfig, only: Optional[str] = None, lock: bool = True) -> RunSummary:
     """Run the configured stages (or just the stage ``only``) in order under the output root's lock; a stage
-    whose outputs are committed is skipped. ``latest`` moves to this run last, once every configured stage is done."""
+    whose outputs are committed is skipped. ``latest`` moves to this run last, once every configured stage is done.
+
+    ``lock=False``: the caller holds the output root's lock for this run (a sweep's trials, pipelines/tune.py):
+    staging leftovers are then not cleaned (other trials are writing) and ``latest`` is left alone."""
     cfg = resolve_local_paths(cfg)
     chosen = [stage(only)] if only is not None else [s for s in STAGES if s.name in cfg.stages]
     run = open_run(cfg.output_root, cfg.run_id, cfg.storage, create=True)
     summary = RunSummary(cfg.run_id, run.uri)
     preflight(cfg, run, [s.name for s in chosen])
-    with run.lock():
-        run.clean_staging()
+    with run.lock() if lock else contextlib.nullcontext():
+        if lock:
+            run.clean_staging()
         config = cfg.model_dump(mode="json", exclude={"storage": {"options"}})
         run.update_manifest(config=config, versions=versions(), git_sha=_git_sha())
         ensure_ray()
@@ -273,6 +275,6 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None) -> RunSummary:
             summary.figure = figure
         report = run.path(REPORT_FILE)
         summary.report = report if run.exists(report) else None
-        if all(s.done(cfg, run) for s in STAGES if s.name in cfg.stages):
+        if lock and all(s.done(cfg, run) for s in STAGES if s.name in cfg.stages):
             summary.latest = run.advance_latest(ran=bool(summary.ran))
     return summary

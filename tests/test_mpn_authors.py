@@ -215,7 +215,7 @@ def test_uniform_aspect_erasing_and_crop_scale():
         ratios.append(h / w)
     # ratio uniform on [0.3, 3.33]: mean ~1.82 (log-uniform gives ~1.26) and as many above 1.82 as below
     assert 1.6 < np.mean(ratios) < 2.05
-    transform = train_transform(32, 1.0, (0.08, 1.0), "uniform")
+    transform = train_transform(32, 1.0, [("RandomResizedCrop", {"scale": (0.08, 1.0)})], erasing_aspect="uniform")
     steps = transform.transforms
     assert steps[1].scale == (0.08, 1.0) and isinstance(steps[-1], UniformAspectErasing)
     from PIL import Image
@@ -230,7 +230,9 @@ def test_authors_configs():
     assert set(configs) == {f"mpn_{d}_authors" for d in ("cub", "cars196", "sop", "inshop")}
     for name, cfg in configs.items():
         assert cfg.model.mpn.variant == "authors" and cfg.model.pooling == "gmp"
-        assert cfg.train.crop_scale == (0.08, 1.0) and cfg.train.erasing_aspect == "uniform"
+        crop = cfg.train.augmentations[0]
+        assert crop.name == "RandomResizedCrop" and crop.params["scale"] == [0.08, 1.0]
+        assert cfg.train.erasing_aspect == "uniform"
         assert cfg.train.scheduler.milestones == [30] and cfg.train.optimizer.decoupled_weight_decay
         assert cfg.model.mpn.concat_layers == (name == "mpn_cars196_authors")
         assert (cfg.train.batch_factorisation == "random") == (name == "mpn_cub_authors")

@@ -25,7 +25,8 @@ def reference_maps(head: nn.Module, feature_map_q: torch.Tensor, raw_r: torch.Te
     decomposition / decomposition_bias: activation-decomposition-tip2021 Eq. 5 summed over the reference;
     distcam: dist-cam Eq. 4-6 against ``gap_r``; gradcam, gradcam_nonorm, rgradcam: Sec. V through one
     backward of the head for the whole batch (rgradcam differentiates the product ``E^q . E^r`` over a
-    constant ``Z``, so it equals decomposition_bias exactly; ``gradcam.py``).
+    constant ``Z``, so it equals decomposition_bias exactly; ``gradcam.py``). Under autocast
+    (``explain.precision``) the decomposition and Dist-CAM maps follow it; the gradient methods run in float32.
     """
     with torch.no_grad():
         e_q, bias_q = head.equivalent_features(feature_map_q)
@@ -40,9 +41,12 @@ def reference_maps(head: nn.Module, feature_map_q: torch.Tensor, raw_r: torch.Te
         elif method == "distcam":
             maps[method] = dist_cam(feature_map_q, gap_r)
         elif method in GRADIENT_METHODS:
+            # always float32: the cosine's gradient is a difference of nearly equal terms that bf16 cancels
+            # (measured on a random tiny_cnn: errors up to 58x the map's range under bf16 autocast)
             score, combine = GRADIENT_METHODS[method]
-            grads = similarity_gradients(head, feature_map_q, raw_r=raw_r, score=score)
-            maps[method] = combine(feature_map_q, grads.query)
+            with torch.autocast(feature_map_q.device.type, enabled=False):
+                grads = similarity_gradients(head, feature_map_q.float(), raw_r=raw_r.float(), score=score)
+                maps[method] = combine(feature_map_q.float(), grads.query)
         else:
             raise ValueError(f"explain.methods: unknown method {method!r}")
     return {k: v.detach() for k, v in maps.items()}, scores

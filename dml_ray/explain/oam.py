@@ -18,6 +18,7 @@ from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
 from dml_ray.models.checkpoint import load_checkpoint
 from dml_ray.models.deml import DeMLModel
 from dml_ray.models.inference import select_device
+from dml_ray.precision import autocast
 
 METHOD = "oam"
 REFERENCE_KIND = "self"
@@ -71,9 +72,10 @@ class ObjectAttentionMapper:
     """Ray Data actor: decoded image batches -> ``oam`` activation-map rows (rows with an error are dropped)."""
 
     def __init__(self, checkpoint_uri: str, run_id: str, num_threads: int = 1, use_gpu: bool = False,
-                 storage_options: Optional[dict] = None) -> None:
+                 storage_options: Optional[dict] = None, precision: str = "fp32") -> None:
         torch.set_num_threads(num_threads)
         self.device = select_device(use_gpu)
+        self.precision = precision
         model = load_checkpoint(checkpoint_uri, storage_options).model
         if not isinstance(model, DeMLModel):
             raise ValueError(f"{checkpoint_uri}: object-attention maps need a model.kind deml checkpoint")
@@ -84,6 +86,6 @@ class ObjectAttentionMapper:
         ok = np.array([not isinstance(e, str) for e in batch["error"]], dtype=bool)
         if not ok.any():
             return ACTIVATION_MAPS_SCHEMA.empty_table()
-        with torch.inference_mode():
-            maps = self.model.object_attention(torch.from_numpy(batch["image"][ok]).to(self.device))
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            maps = self.model.object_attention(torch.from_numpy(batch["image"][ok]).to(self.device)).float()
         return object_attention_rows(maps, [str(i) for i in batch["image_id"][ok]], self.run_id)

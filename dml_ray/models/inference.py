@@ -9,6 +9,7 @@ import torch
 
 from dml_ray.io.schemas import embedding_type
 from dml_ray.models.checkpoint import load_checkpoint
+from dml_ray.precision import as_float32, autocast
 
 EMBEDDING_COLUMNS = ["run_id", "image_id", "label", "split", "model_id", "embedding", "norm"]
 FEATURE_MAP_COLUMNS = ["run_id", "image_id", "label", "split", "model_id", "channels", "map_h", "map_w",
@@ -29,15 +30,18 @@ def _fixed_list(values: np.ndarray, ok: np.ndarray) -> pa.Array:
 class Embedder:
     """Loads a checkpoint once; each call embeds a decoded batch (rows with an error pass through).
 
+    The forward pass runs under autocast for ``precision`` (fp32 | bf16 | fp16); what is stored is float32
+    (the feature map fp16), computed from the float32 copy of the outputs.
     With ``feature_maps`` the rows also carry the feature map (fp16), its GAP feature and the head's
     bias for the input (DESIGN.md invariant), computed in the same forward pass. Any model whose output
     has ``embedding`` and ``raw`` embeds (EmbeddingModel, DeMLModel); feature maps need an EmbeddingModel's head.
     """
 
     def __init__(self, checkpoint_uri: str, run_id: str, num_threads: int = 1, use_gpu: bool = False,
-                 storage_options: Optional[dict] = None, feature_maps: bool = False) -> None:
+                 storage_options: Optional[dict] = None, feature_maps: bool = False, precision: str = "fp32") -> None:
         torch.set_num_threads(num_threads)
         self.device = select_device(use_gpu)
+        self.precision = precision
         loaded = load_checkpoint(checkpoint_uri, storage_options)
         self.model = loaded.model.to(self.device).eval()
         self.model_id = loaded.model_id
@@ -62,7 +66,9 @@ class Embedder:
         maps = None
         if ok.any():
             with torch.inference_mode():
-                out = self.model(torch.from_numpy(batch["image"][ok]).to(self.device))
+                with autocast(self.precision, self.device):
+                    out = self.model(torch.from_numpy(batch["image"][ok]).to(self.device))
+                out = as_float32(out)
                 emb[ok] = out.embedding.float().cpu().numpy()
                 norm[ok] = out.raw.norm(dim=1).float().cpu().numpy()
                 if self.feature_maps:

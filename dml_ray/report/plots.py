@@ -20,10 +20,13 @@ def figure_png(fig) -> bytes:
 
 
 def run_summary_png(metrics: pa.Table, title: str) -> bytes:
-    """PNG bytes: loss and images/s per epoch (stage train) beside Recall@K per split (stage evaluate)."""
+    """PNG bytes: loss and images/s per epoch (stage train) beside Recall@K per split (stage evaluate), and, when
+    the run validated, the validation curves (stage train, split val) with the kept epoch."""
     rows = metrics.to_pylist()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    train = sorted((r for r in rows if r["stage"] == "train"), key=lambda r: r["k"])
+    train_rows = [r for r in rows if r["stage"] == "train"]
+    val = sorted((r for r in train_rows if r["split"] == "val" and r["k"] is not None), key=lambda r: r["k"])
+    fig, axes = plt.subplots(1, 3 if val else 2, figsize=(15 if val else 10, 3.8))
+    train = sorted((r for r in train_rows if r["split"] == "train"), key=lambda r: r["k"])
     loss = [(r["k"], r["value"]) for r in train if r["metric"] == "loss"]
     speed = [(r["k"], r["value"]) for r in train if r["metric"] == "images_per_s"]
     ax = axes[0]
@@ -36,6 +39,8 @@ def run_summary_png(metrics: pa.Table, title: str) -> bytes:
             twin.plot(*zip(*speed), marker=".", linestyle="--", color="tab:gray")
             twin.set_ylabel("images / s", color="tab:gray")
     ax.set_title("training")
+    if val:
+        _validation_axes(axes[2], val, [r for r in train_rows if r["metric"] == "selected_epoch"])
     ax = axes[1]
     recall = [r for r in rows if r["stage"] == "evaluate" and r["metric"] == "recall"]
     splits = sorted({r["split"] for r in recall})
@@ -53,6 +58,20 @@ def run_summary_png(metrics: pa.Table, title: str) -> bytes:
         ax.legend(loc="lower right")
     fig.suptitle(title)
     return figure_png(fig)
+
+
+def _validation_axes(ax, val: list[dict], selected: list[dict]) -> None:
+    """Validation Recall@1 and MAP@R per epoch on the held-out training classes; the kept epoch marked."""
+    for name, label in (("recall_at_1", "Recall@1"), ("map_at_r", "MAP@R")):
+        points = [(r["k"], r["value"]) for r in val if r["metric"] == name]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    if selected:
+        ax.axvline(selected[0]["value"], color="tab:green", linestyle=":", label="kept model")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("validation (held-out training classes)")
 
 
 def localization_curves_png(metrics: pa.Table, title: str) -> bytes:
