@@ -44,9 +44,10 @@ def reference_maps(head: nn.Module, feature_map_q: torch.Tensor, raw_r: torch.Te
             # always float32: the cosine's gradient is a difference of nearly equal terms that bf16 cancels
             # (measured on a random tiny_cnn: errors up to 58x the map's range under bf16 autocast)
             score, combine = GRADIENT_METHODS[method]
+            wide = torch.promote_types(feature_map_q.dtype, torch.float32)  # float64 inputs stay float64
             with torch.autocast(feature_map_q.device.type, enabled=False):
-                grads = similarity_gradients(head, feature_map_q.float(), raw_r=raw_r.float(), score=score)
-                maps[method] = combine(feature_map_q.float(), grads.query)
+                grads = similarity_gradients(head, feature_map_q.to(wide), raw_r=raw_r.to(wide), score=score)
+                maps[method] = combine(feature_map_q.to(wide), grads.query)
         else:
             raise ValueError(f"explain.methods: unknown method {method!r}")
     return {k: v.detach() for k, v in maps.items()}, scores
