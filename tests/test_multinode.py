@@ -51,6 +51,15 @@ def cluster():
             start_session_ray()
 
 
+@pytest.fixture
+def two_worker_nodes(cluster):
+    """The module's cluster with two live worker nodes (a node an earlier test removed is replaced first)."""
+    while len(cluster.worker_nodes) < 2:
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    return cluster
+
+
 def _remove_node_when(cluster, node_id_ready) -> dict:
     """In a thread: wait until ``node_id_ready()`` names a node, then remove that node without grace."""
     outcome: dict = {}
@@ -80,10 +89,10 @@ def _node_of_an_embedding_actor() -> str | None:
     return None
 
 
-def test_a_node_removed_mid_embed_still_embeds_every_image_once(cluster, tmp_path):
+def test_a_node_removed_mid_embed_still_embeds_every_image_once(two_worker_nodes, tmp_path):
     setup = write_nightly_setup(tmp_path / "nightly.yaml", str(tmp_path / "data"), str(tmp_path / "out"))
     images = read_images("cub", setup["data"])
-    outcome = _remove_node_when(cluster, _node_of_an_embedding_actor)
+    outcome = _remove_node_when(two_worker_nodes, _node_of_an_embedding_actor)
     cfg = EmbedConfig(batch_size=2, concurrency=2, max_error_fraction=0.1, incremental=False)
     data = DataConfig(kind="cub", root=setup["data"], resize=SIZE, image_size=SIZE)
     checkpoint = os.path.join(setup["data"], "model.pt")
@@ -96,7 +105,7 @@ def test_a_node_removed_mid_embed_still_embeds_every_image_once(cluster, tmp_pat
         [setup["corrupt"]]
 
 
-def test_a_node_removed_mid_train_resumes_from_the_last_checkpoint(cluster, tmp_path, monkeypatch):
+def test_a_node_removed_mid_train_resumes_from_the_last_checkpoint(two_worker_nodes, tmp_path, monkeypatch):
     """Also issue 11, item 1: the output root is relative; Ray Train's workers run in their own working directory."""
     import functools
 
@@ -113,7 +122,7 @@ def test_a_node_removed_mid_train_resumes_from_the_last_checkpoint(cluster, tmp_
         "data.resize": 32, "data.image_size": 32, "train.epochs": 2, "train.steps_per_epoch": 1,
         "train.classes_per_batch": 1, "train.samples_per_class": 2, "train.num_workers": 2,
         "train.max_failures": 1})
-    outcome = _remove_node_when(cluster, lambda: marker.exists() and marker.read_text())
+    outcome = _remove_node_when(two_worker_nodes, lambda: marker.exists() and marker.read_text())
     summary = run_pipeline(cfg)
     outcome["thread"].join(60)
     assert outcome.get("removed"), "the worker never reached epoch 1"
