@@ -63,8 +63,8 @@ def data_root(cfg: RunConfig) -> str:
 
 
 @dataclass(frozen=True)
-class Output:
-    """A table (or one stage's part of it) a stage commits; ``when`` says whether the config asks for it."""
+class TableRef:
+    """A table (or one stage's part of it) a stage reads or commits; ``when``: whether this config involves it."""
 
     table: str
     part: Optional[str] = None
@@ -84,8 +84,8 @@ class Stage:
 
     name: str
     fn: Callable[[RunConfig, Run], dict]
-    reads: tuple[str, ...] = ()
-    writes: tuple[Output, ...] = ()
+    reads: tuple[TableRef, ...] = ()
+    writes: tuple[TableRef, ...] = ()
     files: tuple[str, ...] = ()
     applies: Optional[Callable[[RunConfig, Run], bool]] = None
     not_applicable: str = "nothing to do for this run"
@@ -96,8 +96,8 @@ class Stage:
         return (all(run.committed(o.table, o.part) for o in self.writes if o.wanted(cfg))
                 and all(run.exists(run.path(f)) for f in self.files))
 
-    def missing_inputs(self, run: Run) -> list[str]:
-        return [t for t in self.reads if not run.committed(t)]
+    def missing_inputs(self, cfg: RunConfig, run: Run) -> list[str]:
+        return [o.table for o in self.reads if o.wanted(cfg) and not run.committed(o.table, o.part)]
 
 
 def _stage_data(cfg: RunConfig, run: Run) -> dict:
@@ -202,21 +202,22 @@ def _checkpoint(cfg: RunConfig, run: Run) -> str:
 
 
 STAGES: list[Stage] = [
-    Stage("data", _stage_data, writes=(Output("images"),)),
-    Stage("train", _stage_train, reads=("images",), writes=(Output("metrics", "train"),)),
+    Stage("data", _stage_data, writes=(TableRef("images"),)),
+    Stage("train", _stage_train, reads=(TableRef("images"),), writes=(TableRef("metrics", "train"),)),
     # embeddings last: the stage is done iff embeddings is committed
-    Stage("embed", _stage_embed, reads=("images",),
-          writes=(Output("feature_maps", when=lambda c: c.embed.feature_maps), Output("errors", "embed"),
-                  Output("embedding_keys"), Output("embeddings"))),
-    Stage("evaluate", _stage_evaluate, reads=("embeddings",), writes=(Output("metrics", "evaluate"),)),
-    Stage("knn", _stage_knn, reads=("embeddings",), writes=(Output("neighbors"),)),
-    Stage("mpn", _stage_mpn, reads=("embeddings", "neighbors"),
-          writes=(Output("mpn_embeddings"), Output("metrics", "mpn")), applies=_has_mpn,
+    Stage("embed", _stage_embed, reads=(TableRef("images"),),
+          writes=(TableRef("feature_maps", when=lambda c: c.embed.feature_maps), TableRef("errors", "embed"),
+                  TableRef("embedding_keys"), TableRef("embeddings"))),
+    Stage("evaluate", _stage_evaluate, reads=(TableRef("embeddings"),), writes=(TableRef("metrics", "evaluate"),)),
+    Stage("knn", _stage_knn, reads=(TableRef("embeddings"),), writes=(TableRef("neighbors"),)),
+    Stage("mpn", _stage_mpn, reads=(TableRef("embeddings"), TableRef("neighbors")),
+          writes=(TableRef("mpn_embeddings"), TableRef("metrics", "mpn")), applies=_has_mpn,
           not_applicable="the model has no message passing network, nothing to refine"),
-    Stage("explain", _stage_explain, reads=("images", "embeddings", "feature_maps"),
-          writes=(Output("prototypes", when=lambda c: c.model.kind != "deml"), Output("activation_maps"))),
-    Stage("localize", _stage_localize, reads=("images", "activation_maps"),
-          writes=(Output("localization"), Output("metrics", "localize"))),
+    Stage("explain", _stage_explain,
+          reads=(TableRef("images"), TableRef("embeddings"), TableRef("feature_maps", when=lambda c: c.model.kind != "deml")),
+          writes=(TableRef("prototypes", when=lambda c: c.model.kind != "deml"), TableRef("activation_maps"))),
+    Stage("localize", _stage_localize, reads=(TableRef("images"), TableRef("activation_maps")),
+          writes=(TableRef("localization"), TableRef("metrics", "localize"))),
     Stage("report", _stage_report, files=(REPORT_FILE,)),
 ]
 STAGE_NAMES: list[str] = [s.name for s in STAGES]
@@ -255,7 +256,7 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None, lock: bool = True) 
                 log.info("stage %s: %s", step.name, step.not_applicable if idle else "already committed, skipped")
                 summary.skipped.append(step.name)
                 continue
-            missing = step.missing_inputs(run)
+            missing = step.missing_inputs(cfg, run)
             if missing:
                 raise ValueError(f"stage {step.name}: run {cfg.run_id} has no committed {', '.join(missing)}; "
                                  f"run the stage that writes it first")
