@@ -19,14 +19,9 @@ import torch
 from dml_ray.config import DeMLConfig, EvaluateConfig
 from dml_ray.io.schemas import METRICS_SCHEMA, embedding_type
 from dml_ray.metrics.learners import learner_blocks, learner_similarity, scale_embeddings
-from dml_ray.metrics.retrieval import (
-    metrics_from_statistics,
-    nmi,
-    query_statistics,
-    relevant_counts,
-    search_width,
-)
+from dml_ray.metrics.retrieval import metrics_from_statistics, nmi, relevant_counts, search_width
 from dml_ray.retrieval.search import self_rows
+from pipelines.search_tasks import statistics_shard
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +31,6 @@ def _arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dim = emb.type.list_size
     x = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
     return x, table.column("label").to_numpy(), np.asarray(table.column("image_id").to_pylist(), dtype=object)
-
-
-@ray.remote
-def _statistics_shard(query_emb, query_rows, query_labels, n_relevant, db_emb, db_labels, width, max_k, metric,
-                      block_size, num_threads):
-    import faiss
-
-    faiss.omp_set_num_threads(num_threads)
-    return query_statistics(query_emb, query_rows, query_labels, n_relevant, db_emb, db_labels, width, max_k, metric,
-                            block_size)
 
 
 def by_image_id(table: pa.Table) -> pa.Table:
@@ -97,7 +82,7 @@ def evaluate_split_timed(query: pa.Table, db: pa.Table, ks: list[int], cfg: Eval
     refs = [ray.put(x) for x in (d_emb, d_labels)]
     r = n_relevant
     bounds = np.linspace(0, len(q_emb), min(cfg.query_shards, len(q_emb)) + 1).astype(int)
-    shard = _statistics_shard.options(num_cpus=num_threads)
+    shard = statistics_shard.options(num_cpus=num_threads)
     futures = [shard.remote(q_emb[a:b], q_rows[a:b], q_labels[a:b], None if r is None else r[a:b], *refs, width,
                             max(ks), cfg.metric, cfg.block_size, num_threads)
                for a, b in zip(bounds, bounds[1:]) if b > a]

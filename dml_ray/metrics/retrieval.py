@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
-from sklearn.metrics import normalized_mutual_info_score
 
 from dml_ray.retrieval.search import excluding_self_blocks, locate_ids, search_excluding_self, self_rows
 
@@ -354,6 +353,10 @@ def nmi(
     )
     kmeans.train(x)
     _, clusters = kmeans.index.search(x, 1)
+    # imported here: the search shards' Ray workers import this module, and sklearn costs them seconds each
+    from sklearn.metrics import normalized_mutual_info_score
+
+
     return float(normalized_mutual_info_score(labels, clusters[:, 0]))
 
 
