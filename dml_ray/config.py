@@ -161,6 +161,9 @@ class EmbedConfig(Strict):
                                                   "a second backbone pass")
     incremental: bool = Field(True, description="copy, not recompute, the rows of images whose (image_id, content "
                                                 "hash, model_id) an earlier committed run of output_root embedded")
+    in_process_below: int = Field(4096, ge=0, description="fewer images to embed than this: run the batches in the "
+                                                          "driver (no Ray Data job, no actor start); 0: always Ray "
+                                                          "Data")
 
 
 class EvaluateConfig(Strict):
@@ -211,6 +214,9 @@ class ExplainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
     use_gpu: bool = Field(False, description="a GPU per actor for the model pass of DeML's oam maps")
+    in_process_below: int = Field(4096, ge=0, description="fewer images to explain than this: compute the maps in "
+                                                          "the driver (no Ray Data job, no actor start); 0: always "
+                                                          "Ray Data")
 
 
 class LocalizeConfig(Strict):

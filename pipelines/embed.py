@@ -1,5 +1,8 @@
 """Embedding on Ray Data: images table -> bytes (fsspec) -> decode + transform -> model actors -> tables.
 
+Below ``embed.in_process_below`` images the same per-batch steps run in the driver instead
+(pipelines/in_process.py): no Ray Data job and no actor start, the same rows.
+
 The pipeline streams every output row (errors included) into one staging Parquet dataset; the
 error budget is checked on its ``error`` column alone; then each output table is cut from the
 staging files by column projection and committed, ``embeddings`` last. Nothing is held in memory
@@ -11,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -28,6 +33,14 @@ from dml_ray.io.schemas import EMBEDDING_KEYS_SCHEMA, ERRORS_SCHEMA
 from dml_ray.io.tables import commit_table, staging_uri, table_uri, write_table
 from dml_ray.models.checkpoint import load_checkpoint
 from dml_ray.models.inference import EMBEDDING_COLUMNS, FEATURE_MAP_COLUMNS, Embedder
+from pipelines.in_process import (
+    DriverThreads,
+    apply_steps,
+    file_batches,
+    runs_in_process,
+    table_batches,
+    write_parquet_stream,
+)
 from pipelines.incremental import KEYS_TABLE, ReusePlan, copy_rows, plan_reuse, source_runs
 
 log = logging.getLogger(__name__)
@@ -76,13 +89,29 @@ def _fetch_and_hash(batch: pa.Table, storage_options: Optional[dict]) -> pa.Tabl
     return add_content_hash(fetch_bytes(batch, storage_options))
 
 
+_INPUT_COLUMNS = ["image_id", "uri", "label", "split"]
+
+
+def embed_in_process(todo: pa.Table, checkpoint_uri: str, run_id: str, data: DataConfig, cfg: EmbedConfig,
+                     num_threads: int, raw_path: str, filesystem) -> None:
+    """``embed_dataset``'s steps (fetch + hash, decode, ``HashedEmbedder``) in the driver, batch after batch,
+    streamed into the staging dataset ``raw_path``."""
+    so = data.storage_options or None
+    with DriverThreads():
+        embedder = HashedEmbedder(checkpoint_uri=checkpoint_uri, run_id=run_id, num_threads=num_threads,
+                                  use_gpu=cfg.use_gpu, storage_options=so, feature_maps=cfg.feature_maps)
+        steps = [partial(_fetch_and_hash, storage_options=so),
+                 partial(decode_batch, resize=data.resize, image_size=data.image_size), embedder]
+        write_parquet_stream(apply_steps(table_batches(todo.select(_INPUT_COLUMNS), cfg.batch_size), steps),
+                             raw_path, filesystem)
+
+
 def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: DataConfig, cfg: EmbedConfig,
                   num_threads: int = 1, crash_once: Optional[str] = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline producing output rows (with a nullable ``error`` column)."""
     images = images.filter(pc.is_in(images.column("split"), pa.array(cfg.splits)))
-    columns = ["image_id", "uri", "label", "split"]
     n_blocks = max(1, min(images.num_rows // cfg.batch_size, 64))
-    ds = ray.data.from_arrow(images.select(columns)).repartition(n_blocks)
+    ds = ray.data.from_arrow(images.select(_INPUT_COLUMNS)).repartition(n_blocks)
     so = data.storage_options or None
     ds = ds.map_batches(_fetch_and_hash, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
                         batch_size=cfg.batch_size, num_cpus=READ_CPUS)
@@ -101,7 +130,7 @@ def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: Data
     )
 
 
-def _cut(source: ray.data.Dataset, columns: list[str], output_root: str, run_id: str, table: str,
+def _cut(source: ray.data.Dataset, columns: list[str], table: str, output_root: str, run_id: str,
          storage_options: Optional[dict]) -> str:
     """Write the error-free rows' ``columns`` of the staged output as ``table``'s staging folder."""
     staging = staging_uri(output_root, run_id, table)
@@ -111,11 +140,21 @@ def _cut(source: ray.data.Dataset, columns: list[str], output_root: str, run_id:
     return staging
 
 
-def _staged_table(source: Optional[ray.data.Dataset], columns: list[str], plan: ReusePlan, keep: pa.Table,
-                  output_root: str, run_id: str, table: str, storage_options: Optional[dict]) -> str:
-    """``table``'s staging folder: the freshly embedded rows plus the rows copied from earlier runs."""
-    staging = (_cut(source, columns, output_root, run_id, table, storage_options) if source is not None
-               else staging_uri(output_root, run_id, table))
+def _cut_in_process(raw_path: str, filesystem, columns: list[str], table: str, output_root: str, run_id: str,
+                    storage_options: Optional[dict]) -> str:
+    """``_cut`` in the driver: the staged output's error-free rows, streamed batch by batch."""
+    staging = staging_uri(output_root, run_id, table)
+    fs, path = pyarrow_fs(staging, storage_options)
+    write_parquet_stream((rows_ok(b) for b in file_batches(raw_path, filesystem, ROWS_PER_FILE, [*columns, "error"])),
+                         path, fs)
+    return staging
+
+
+def _staged_table(cut: Optional[Callable[[list[str], str], str]], columns: list[str], plan: ReusePlan,
+                  keep: pa.Table, output_root: str, run_id: str, table: str, storage_options: Optional[dict]) -> str:
+    """``table``'s staging folder: the freshly embedded rows (``cut(columns, table)``) plus the rows copied from
+    earlier runs."""
+    staging = cut(columns, table) if cut is not None else staging_uri(output_root, run_id, table)
     for source_run, ids in plan.sources.items():
         rows = keep.filter(pc.is_in(keep.column("image_id"), pa.array(ids, pa.string())))
         copy_rows(output_root, source_run, table, rows, run_id, staging, storage_options)
@@ -147,25 +186,34 @@ def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: s
     keep = images.select(["image_id", "label", "split"])
     raw = staging_uri(output_root, run_id, "embed-output")
     fs, raw_path = pyarrow_fs(raw, so)
-    source = None
+    cut = None
     status = pa.schema(_STATUS_COLUMNS).empty_table()
     try:
         if todo.num_rows:
-            embed_dataset(todo, checkpoint_uri, run_id, data, cfg, num_threads, crash_once).write_parquet(
-                raw_path, filesystem=fs)
+            # fault injection (crash_once) kills an actor process: it exists on the Ray Data path only
+            if crash_once is None and runs_in_process(todo.num_rows, cfg.in_process_below, cfg.use_gpu):
+                log.info("embed: %d images, below embed.in_process_below=%d: in the driver", todo.num_rows,
+                         cfg.in_process_below)
+                embed_in_process(todo, checkpoint_uri, run_id, data, cfg, num_threads, raw_path, fs)
+                cut = partial(_cut_in_process, raw_path, fs, output_root=output_root, run_id=run_id,
+                              storage_options=so)
+            else:
+                embed_dataset(todo, checkpoint_uri, run_id, data, cfg, num_threads, crash_once).write_parquet(
+                    raw_path, filesystem=fs)
+                cut = partial(_cut, ray.data.read_parquet(raw_path, filesystem=fs), output_root=output_root,
+                              run_id=run_id, storage_options=so)
             status = pads.dataset(raw_path, filesystem=fs, format="parquet").to_table(columns=list(_STATUS_COLUMNS))
-            source = ray.data.read_parquet(raw_path, filesystem=fs)
         failed = status.filter(pc.is_valid(status.column("error")))
         n_err, n_total = failed.num_rows, status.num_rows + plan.keys.num_rows
         if n_total and n_err / n_total > cfg.max_error_fraction:
             raise ErrorBudgetExceeded(
                 f"embed: {n_err} of {n_total} images failed ({n_err / n_total:.1%}), above "
                 f"embed.max_error_fraction={cfg.max_error_fraction}; nothing committed")
-        emb_staging = _staged_table(source, EMBEDDING_COLUMNS, plan, keep, output_root, run_id, "embeddings", so)
+        emb_staging = _staged_table(cut, EMBEDDING_COLUMNS, plan, keep, output_root, run_id, "embeddings", so)
         fm_final = None
         if cfg.feature_maps:
             fm_final = table_uri(output_root, run_id, "feature_maps")
-            commit_table(_staged_table(source, FEATURE_MAP_COLUMNS, plan, keep, output_root, run_id, "feature_maps",
+            commit_table(_staged_table(cut, FEATURE_MAP_COLUMNS, plan, keep, output_root, run_id, "feature_maps",
                                        so), fm_final, so, replace=True)
         err_final = table_uri(output_root, run_id, "errors", part="embed")
         write_table(_errors_table(failed, run_id), err_final, staging_uri(output_root, run_id, "errors", "embed"),

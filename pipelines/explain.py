@@ -3,13 +3,16 @@
 Each image of the explained splits is paired with its nearest gallery neighbour (itself excluded)
 and/or its nearest class prototype. References are joined in as vectors (raw embedding, head bias,
 GAP feature), so no backbone runs in this stage: the maps are einsums over the stored feature maps
-and, for the Grad-CAM family, one backward through the head.
+and, for the Grad-CAM family, one backward through the head. Below ``explain.in_process_below`` images
+the same per-batch classes run in the driver instead (pipelines/in_process.py): no Ray Data job, no
+actor start, the same rows.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -34,6 +37,14 @@ from dml_ray.models.checkpoint import LoadedModel, load_checkpoint
 from dml_ray.report.overlays import gallery_figure
 from dml_ray.retrieval.prototypes import class_prototypes, fixed_list_to_numpy
 from dml_ray.retrieval.search import search_excluding_self
+from pipelines.in_process import (
+    DriverThreads,
+    apply_steps,
+    file_batches,
+    runs_in_process,
+    table_batches,
+    write_parquet_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +219,29 @@ def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, output_root: 
         raise ValueError(f"{checkpoint_uri}: no 'resize' recorded in the checkpoint; cannot reproduce the input frame")
     images = read_table(table_uri(output_root, run_id, "images"), so, columns=["image_id", "uri", "split"])
     images = images.filter(pc.is_in(images.column("split"), pa.array(splits)))
-    ds = ray.data.from_arrow(images).repartition(max(1, min(images.num_rows // cfg.batch_size, 64)))
-    ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
-                        batch_size=cfg.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"resize": loaded.extra["resize"], "image_size": loaded.image_size},
-                        batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(ObjectAttentionMapper,
-                        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id,
-                                               "num_threads": num_threads, "use_gpu": cfg.use_gpu,
-                                               "storage_options": so},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
-                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)
     staging = staging_uri(output_root, run_id, "activation_maps")
     sfs, spath = pyarrow_fs(staging, so)
-    ds.write_parquet(spath, filesystem=sfs)
+    mapper_kwargs = {"checkpoint_uri": checkpoint_uri, "run_id": run_id, "num_threads": num_threads,
+                     "use_gpu": cfg.use_gpu, "storage_options": so}
+    decode_kwargs = {"resize": loaded.extra["resize"], "image_size": loaded.image_size}
+    if runs_in_process(images.num_rows, cfg.in_process_below, cfg.use_gpu):
+        log.info("explain: %d images, below explain.in_process_below=%d: in the driver", images.num_rows,
+                 cfg.in_process_below)
+        with DriverThreads():
+            steps = [partial(fetch_bytes, storage_options=so), partial(decode_batch, **decode_kwargs),
+                     ObjectAttentionMapper(**mapper_kwargs)]
+            write_parquet_stream(apply_steps(table_batches(images, cfg.batch_size), steps), spath, sfs)
+    else:
+        ds = ray.data.from_arrow(images).repartition(max(1, min(images.num_rows // cfg.batch_size, 64)))
+        ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
+                            batch_size=cfg.batch_size, num_cpus=0.5)
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_format="pyarrow", batch_size=cfg.batch_size,
+                            num_cpus=0.5)
+        ds = ds.map_batches(ObjectAttentionMapper, fn_constructor_kwargs=mapper_kwargs,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+                            batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+                            num_gpus=1 if cfg.use_gpu else 0)
+        ds.write_parquet(spath, filesystem=sfs)
     final = table_uri(output_root, run_id, "activation_maps")
     marker = commit_table(staging, final, so)
     seconds = time.perf_counter() - start
@@ -246,16 +266,23 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
     write_table(prototypes, proto_uri, staging_uri(output_root, run_id, "prototypes"), so, replace=True)
     references = build_references(embeddings, features, prototypes, splits, cfg.references)
     fs, _ = pyarrow_fs(fm_uri, so)
-    ds = ray.data.read_parquet(committed_files(fm_uri, so), filesystem=fs)
-    ds = ds.map_batches(
-        MapMaker, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "references": references,
-                                         "methods": list(cfg.methods), "run_id": run_id,
-                                         "num_threads": num_threads, "storage_options": so},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
     staging = staging_uri(output_root, run_id, "activation_maps")
     sfs, spath = pyarrow_fs(staging, so)
-    ds.write_parquet(spath, filesystem=sfs)
+    maker_kwargs = {"checkpoint_uri": checkpoint_uri, "references": references, "methods": list(cfg.methods),
+                    "run_id": run_id, "num_threads": num_threads, "storage_options": so}
+    if runs_in_process(features.num_rows, cfg.in_process_below, use_gpu=False):
+        log.info("explain: %d images, below explain.in_process_below=%d: in the driver", features.num_rows,
+                 cfg.in_process_below)
+        with DriverThreads():
+            steps = [MapMaker(**maker_kwargs)]
+            write_parquet_stream(apply_steps(file_batches(committed_files(fm_uri, so), fs, cfg.batch_size), steps),
+                                 spath, sfs)
+    else:
+        ds = ray.data.read_parquet(committed_files(fm_uri, so), filesystem=fs)
+        ds = ds.map_batches(MapMaker, fn_constructor_kwargs=maker_kwargs,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+                            batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
+        ds.write_parquet(spath, filesystem=sfs)
     if cfg.pairs:
         wanted = sorted({i for pair in cfg.pairs for i in pair})
         pair_features = read_table(fm_uri, so, filters=pc.field("image_id").isin(wanted))
