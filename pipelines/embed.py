@@ -37,6 +37,7 @@ from pipelines.in_process import (
     DriverThreads,
     apply_steps,
     file_batches,
+    prefetched,
     runs_in_process,
     table_batches,
     write_parquet_stream,
@@ -95,15 +96,15 @@ _INPUT_COLUMNS = ["image_id", "uri", "label", "split"]
 def embed_in_process(todo: pa.Table, checkpoint_uri: str, run_id: str, data: DataConfig, cfg: EmbedConfig,
                      num_threads: int, raw_path: str, filesystem) -> None:
     """``embed_dataset``'s steps (fetch + hash, decode, ``HashedEmbedder``) in the driver, batch after batch,
-    streamed into the staging dataset ``raw_path``."""
+    streamed into the staging dataset ``raw_path``; the next batches are read and decoded in a thread meanwhile."""
     so = data.storage_options or None
     with DriverThreads():
         embedder = HashedEmbedder(checkpoint_uri=checkpoint_uri, run_id=run_id, num_threads=num_threads,
                                   use_gpu=cfg.use_gpu, storage_options=so, feature_maps=cfg.feature_maps)
-        steps = [partial(_fetch_and_hash, storage_options=so),
-                 partial(decode_batch, resize=data.resize, image_size=data.image_size), embedder]
-        write_parquet_stream(apply_steps(table_batches(todo.select(_INPUT_COLUMNS), cfg.batch_size), steps),
-                             raw_path, filesystem)
+        read = [partial(_fetch_and_hash, storage_options=so),
+                partial(decode_batch, resize=data.resize, image_size=data.image_size)]
+        decoded = prefetched(apply_steps(table_batches(todo.select(_INPUT_COLUMNS), cfg.batch_size), read))
+        write_parquet_stream(apply_steps(decoded, [embedder]), raw_path, filesystem)
 
 
 def embed_dataset(images: pa.Table, checkpoint_uri: str, run_id: str, data: DataConfig, cfg: EmbedConfig,

@@ -41,6 +41,7 @@ from pipelines.in_process import (
     DriverThreads,
     apply_steps,
     file_batches,
+    prefetched,
     runs_in_process,
     table_batches,
     write_parquet_stream,
@@ -228,9 +229,10 @@ def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, output_root: 
         log.info("explain: %d images, below explain.in_process_below=%d: in the driver", images.num_rows,
                  cfg.in_process_below)
         with DriverThreads():
-            steps = [partial(fetch_bytes, storage_options=so), partial(decode_batch, **decode_kwargs),
-                     ObjectAttentionMapper(**mapper_kwargs)]
-            write_parquet_stream(apply_steps(table_batches(images, cfg.batch_size), steps), spath, sfs)
+            mapper = ObjectAttentionMapper(**mapper_kwargs)
+            read = [partial(fetch_bytes, storage_options=so), partial(decode_batch, **decode_kwargs)]
+            decoded = prefetched(apply_steps(table_batches(images, cfg.batch_size), read))
+            write_parquet_stream(apply_steps(decoded, [mapper]), spath, sfs)
     else:
         ds = ray.data.from_arrow(images).repartition(max(1, min(images.num_rows // cfg.batch_size, 64)))
         ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",

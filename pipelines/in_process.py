@@ -9,8 +9,10 @@ so both paths produce the same rows.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Optional
+from typing import Optional, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -19,6 +21,9 @@ import pyarrow.parquet as pq
 import torch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PREFETCH_DEPTH = 2
 
 
 def runs_in_process(n_images: int, in_process_below: int, use_gpu: bool) -> bool:
@@ -48,6 +53,46 @@ def apply_steps(batches: Iterable[pa.Table], steps: list[Callable]) -> Iterator[
         for step in steps:
             batch = step(batch)
         yield batch
+
+
+def prefetched(items: Iterable[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
+    """``items`` produced by a background thread up to ``depth`` ahead, so that reading and decoding the next
+    batches overlaps the model's pass over this one (as Ray Data's read tasks overlap its model actor).
+
+    An exception in the producer is raised here, at the item where it happened.
+    """
+    channel: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        channel.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            channel.put((end, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            channel.put((end, err))
+
+    thread = threading.Thread(target=produce, name="in-process-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = channel.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def write_parquet_stream(tables: Iterable[pa.Table], folder: str, filesystem: pafs.FileSystem) -> int:
