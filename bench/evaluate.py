@@ -16,7 +16,8 @@ The command fails unless the numbers agree: the project's Recall@K and MAP@R equ
 bare search's neighbours (to 1e-5: faiss's blockings can order near-ties differently), Recall@1, MAP@R and NMI equal AccuracyCalculator's (to 1e-4; it searches
 with squared L2, we with inner products, which can swap near-ties). With ``--memory`` the peak resident memory
 of the driver and every process it started (Ray's workers and object store included, shared pages counted in
-each process, so an upper bound) is sampled during the project's evaluation.
+each process, so an upper bound) is sampled during the project's evaluation and printed every 30 s (a run
+stopped early still says how high it went).
 
     python bench/evaluate.py --n 100000 --dim 128
 """
@@ -82,12 +83,17 @@ def _tree_rss_bytes(root: int) -> int:
 class PeakMemory:
     """Samples ``_tree_rss_bytes`` of this process every ``interval`` seconds while in the ``with`` block."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, report_every: float | None = None) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.report_every = report_every
 
     def _run(self) -> None:
+        start = last = time.perf_counter()
         while not self._stop.is_set():
             self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            if self.report_every and time.perf_counter() - last >= self.report_every:
+                last = time.perf_counter()
+                print(f"  {last - start:6.0f} s: peak memory so far {self.peak / 2**30:.2f} GiB", flush=True)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
@@ -103,7 +109,7 @@ class PeakMemory:
 
 def run_project(table: pa.Table, ks: list[int], shards: int, threads: int, memory: bool):
     cfg = EvaluateConfig(ks=ks, query_shards=shards, seed=1234)  # faiss.Kmeans' default seed, as PML uses
-    monitor = PeakMemory() if memory else None
+    monitor = PeakMemory(report_every=30) if memory else None
     start = time.perf_counter()
     if monitor:
         with monitor:

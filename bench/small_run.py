@@ -39,12 +39,12 @@ def folder_dataset(work: str, classes: int, per_class: int, size: int) -> str:
     return f"{work}/cub/images"
 
 
-def project_run(root: str, out: str, workers: int, epochs: int) -> tuple[float, dict, float]:
+def project_run(root: str, out: str, workers: int, epochs: int, threads: int) -> tuple[float, dict, float]:
     from pipelines.run import run_pipeline
 
     cfg: RunConfig = demo_like_config(out, **{
         "data.kind": "folder", "data.root": root, "stages": ["data", "train", "embed", "evaluate"],
-        "evaluate.splits": ["test"], "train.num_workers": workers, "train.epochs": epochs})
+        "evaluate.splits": ["test"], "train.num_workers": workers, "train.epochs": epochs, "num_threads": threads})
     start = time.perf_counter()
     summary = run_pipeline(cfg)
     seconds = time.perf_counter() - start
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=80, help="image side in px (the demo's)")
     parser.add_argument("--workers", type=int, default=1, help="train.num_workers of the project run")
     parser.add_argument("--epochs", type=int, default=8, help="train.epochs (the demo's 8)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="num_threads of the project run (default: the cores divided among the train workers)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = tempfile.mkdtemp(prefix="bench-small-run-")
@@ -128,9 +130,10 @@ def main() -> None:
 
     t_plain, r_plain = plain_loop(root, demo_like_config(f"{work}/unused", **{"train.epochs": args.epochs}))
     print(f"plain PML loop:   {t_plain:7.1f} s   Recall@1 {r_plain:.3f}", flush=True)
-    t_project, stages, r_project = project_run(root, f"{work}/out", args.workers, args.epochs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    t_project, stages, r_project = project_run(root, f"{work}/out", args.workers, args.epochs, threads)
     print(f"project run:      {t_project:7.1f} s   Recall@1 {r_project:.3f}   ("
-          + ", ".join(f"{s} {v:.1f} s" for s, v in stages.items()) + f"; train.num_workers {args.workers})")
+          + ", ".join(f"{s} {v:.1f} s" for s, v in stages.items()) + f"; train.num_workers {args.workers}, num_threads {threads})")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"small run: project {t_project:.1f} s, plain loop {t_plain:.1f} s, ratio {t_project / t_plain:.2f} "
           f"(target <= 1.5); driver peak RSS {peak:.2f} GiB; load average {os.getloadavg()[0]:.1f}")
