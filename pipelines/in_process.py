@@ -102,7 +102,9 @@ def write_parquet_stream(tables: Iterable[pa.Table], folder: str, filesystem: pa
     try:
         for table in tables:
             if writer is None:
-                writer = pq.ParquetWriter(f"{folder}/part-00000.parquet", table.schema, filesystem=filesystem)
+                # not part-*.parquet: commit_table renames a staging folder's files to part-NNNNN.parquet in
+                # sorted order, and a file already so named would be overwritten by another one's rename
+                writer = pq.ParquetWriter(f"{folder}/batches-00000.parquet", table.schema, filesystem=filesystem)
             writer.write_table(table.cast(writer.schema))
             rows += table.num_rows
     finally:
