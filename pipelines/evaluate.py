@@ -80,10 +80,11 @@ def evaluate_split_timed(query: pa.Table, db: pa.Table, ks: list[int], cfg: Eval
 
     start = time.perf_counter()
     refs = [ray.put(x) for x in (d_emb, d_labels)]
+    q_ref = refs[0] if same else ray.put(q_emb)
     r = n_relevant
     bounds = np.linspace(0, len(q_emb), min(cfg.query_shards, len(q_emb)) + 1).astype(int)
     shard = statistics_shard.options(num_cpus=num_threads)
-    futures = [shard.remote(q_emb[a:b], q_rows[a:b], q_labels[a:b], None if r is None else r[a:b], *refs, width,
+    futures = [shard.remote(q_ref, a, b, q_rows[a:b], q_labels[a:b], None if r is None else r[a:b], *refs, width,
                             max(ks), cfg.metric, cfg.block_size, num_threads)
                for a, b in zip(bounds, bounds[1:]) if b > a]
     parts = ray.get(futures)

@@ -15,12 +15,14 @@ from dml_ray.metrics.retrieval import query_statistics
 
 
 @ray.remote
-def statistics_shard(query_emb: np.ndarray, query_rows: np.ndarray, query_labels: np.ndarray,
+def statistics_shard(query_emb: np.ndarray, start: int, stop: int, query_rows: np.ndarray, query_labels: np.ndarray,
                      n_relevant: Optional[np.ndarray], db_emb: np.ndarray, db_labels: np.ndarray, width: int,
                      max_k: int, metric: str, block_size: int, num_threads: int):
-    """``query_statistics`` of one query shard with ``num_threads`` faiss threads (the task's CPU reservation)."""
+    """``query_statistics`` of the queries ``query_emb[start:stop]`` with ``num_threads`` faiss threads (the task's
+    CPU reservation). ``query_emb`` is the whole query matrix, shared through the object store (the database's
+    own when a split is searched against itself), so the shards add no copy of it."""
     import faiss
 
     faiss.omp_set_num_threads(num_threads)
-    return query_statistics(query_emb, query_rows, query_labels, n_relevant, db_emb, db_labels, width, max_k, metric,
-                            block_size)
+    return query_statistics(query_emb[start:stop], query_rows, query_labels, n_relevant, db_emb, db_labels, width,
+                            max_k, metric, block_size)

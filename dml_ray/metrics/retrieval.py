@@ -338,8 +338,10 @@ def nmi(
         raise ValueError(f"nmi: embeddings must be a finite 2-D (n, d) array, got shape {x.shape}")
     labels = _as_labels("labels", labels, len(x))
     if ids is not None:
-        order = np.argsort(_as_labels("ids", ids, len(x)), kind="stable")
-        x, labels = x[order], labels[order]
+        ids = _as_labels("ids", ids, len(x))
+        if not (ids[:-1] < ids[1:]).all():  # already in id order: no copy of the embeddings
+            order = np.argsort(ids, kind="stable")
+            x, labels = x[order], labels[order]
     n_clusters = len(np.unique(labels)) if n_clusters is None else n_clusters
     if not 1 <= n_clusters <= len(x):
         raise ValueError(f"nmi: n_clusters must be in [1, {len(x)}] (number of points), got {n_clusters}")
