@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from dml_ray.io.run import open_run
 from dml_ray.config import DataConfig, EmbedConfig, ModelConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes
 from dml_ray.data.readers import read_images
@@ -65,7 +66,7 @@ def main() -> None:
 
     ensure_ray(num_cpus=2)
     cfg = EmbedConfig(batch_size=args.batch_size, concurrency=1, cpus_per_actor=1)
-    result = run_embed(images, ckpt, work, "bench", data, cfg, num_threads=args.threads)
+    result = run_embed(images, ckpt, open_run(work, "bench", create=True), data, cfg, num_threads=args.threads)
     pipe_s = result.seconds
 
     n = images.num_rows

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from dml_ray.io.run import open_run
 from dml_ray.config import DataConfig, EmbedConfig, ExplainConfig, ModelConfig
 from dml_ray.data.readers import read_images
 from dml_ray.data.synthetic import generate_synthetic
@@ -99,14 +100,14 @@ def bench_stage(n_images: int, backbone: str, size: int, threads: int) -> None:
     ensure_ray(num_cpus=2)
     plain = EmbedConfig(batch_size=32, cpus_per_actor=1, incremental=False)  # every run embeds every image
     with_maps = EmbedConfig(batch_size=32, cpus_per_actor=1, feature_maps=True, incremental=False)
-    run_embed(images.slice(0, 32), ckpt, work, "warmup", data, plain, threads)
-    t_plain = run_embed(images, ckpt, work, "plain", data, plain, threads).seconds
-    t_fm = run_embed(images, ckpt, work, "maps", data, with_maps, threads).seconds
+    run_embed(images.slice(0, 32), ckpt, open_run(work, "warmup", create=True), data, plain, threads)
+    t_plain = run_embed(images, ckpt, open_run(work, "plain", create=True), data, plain, threads).seconds
+    t_fm = run_embed(images, ckpt, open_run(work, "maps", create=True), data, with_maps, threads).seconds
     shutil.copytree(f"{work}/runs/maps", f"{work}/runs/grad")
     fast = ExplainConfig(methods=["decomposition", "decomposition_bias", "distcam"], batch_size=32)
     grad = ExplainConfig(methods=["gradcam", "gradcam_nonorm", "rgradcam"], batch_size=32)
-    maps = run_explain(ckpt, work, "maps", fast, ["test"], threads)
-    grads = run_explain(ckpt, work, "grad", grad, ["test"], threads)
+    maps = run_explain(ckpt, open_run(work, "maps"), fast, ["test"], threads)
+    grads = run_explain(ckpt, open_run(work, "grad"), grad, ["test"], threads)
     extra = (t_fm - t_plain) + maps.seconds
     print(f"[2] {n_images} images, {backbone} {size}x{size}, {threads} threads, explained split: test")
     print(f"    embedding pass (plain)                 : {t_plain:7.1f} s")

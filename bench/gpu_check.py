@@ -116,7 +116,7 @@ def check_embed(root: str, cpu, rows: list, gpu: bool) -> None:
             rows.append((name, device, "not run", None, "no GPU"))
             continue
         cfg = EmbedConfig(batch_size=64, use_gpu=use_gpu, precision=precision, incremental=False)
-        result = run_embed(images, checkpoint, root, run_id, data, cfg)
+        result = run_embed(images, checkpoint, open_run(root, run_id, create=True), data, cfg)
         got = _embeddings(open_run(root, run_id))
         cosine = min(float(np.dot(got[i], reference[i])) for i in reference)
         rows.append((name, device, "yes", result.rows / result.seconds, f"min cosine {cosine:.5f}"))

@@ -246,6 +246,9 @@ class EmbedConfig(Strict):
                                                 "hash, model_id) an earlier committed run of output_root embedded")
     precision: Precision = Field("fp32", description="autocast dtype of the forward pass (fp16: GPU only); "
                                                      "outputs are stored as float32 either way")
+    in_process_below: int = Field(4096, ge=0, description="fewer images to embed than this: run the batches in the "
+                                                          "driver (no Ray Data job, no actor start); 0: always Ray "
+                                                          "Data")
 
     @model_validator(mode="after")
     def _fp16_on_gpu(self) -> "EmbedConfig":
@@ -304,6 +307,9 @@ class ExplainConfig(Strict):
     use_gpu: bool = Field(False, description="a GPU per actor for the model pass of DeML's oam maps")
     precision: Precision = Field("fp32", description="autocast dtype of the map computations (fp16: GPU only); "
                                                      "maps are stored as float32 either way")
+    in_process_below: int = Field(4096, ge=0, description="fewer images to explain than this: compute the maps in "
+                                                          "the driver (no Ray Data job, no actor start); 0: always "
+                                                          "Ray Data")
 
     @model_validator(mode="after")
     def _fp16_on_gpu(self) -> "ExplainConfig":

@@ -1,4 +1,9 @@
-"""Retrieval evaluation: queries sharded over Ray tasks against a database in the object store."""
+"""Retrieval evaluation: queries sharded over Ray tasks against a database in the object store.
+
+Rows are put in image_id order first, so every metric is a function of the rows and not of the order
+Ray Data wrote them in. Each shard reduces its neighbours to per-query statistics as it searches
+(``query_statistics``), so the driver receives two numbers per query, never the neighbour lists.
+"""
 from __future__ import annotations
 
 import logging
@@ -14,7 +19,9 @@ import torch
 from dml_ray.config import DeMLConfig, EvaluateConfig
 from dml_ray.io.schemas import METRICS_SCHEMA, embedding_type
 from dml_ray.metrics.learners import learner_blocks, learner_similarity, scale_embeddings
-from dml_ray.metrics.retrieval import metrics_from_neighbors, neighbor_labels_for, nmi, relevant_counts, search_width
+from dml_ray.metrics.retrieval import metrics_from_statistics, nmi, relevant_counts, search_width
+from dml_ray.retrieval.search import self_rows
+from pipelines.search_tasks import statistics_shard
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +33,9 @@ def _arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, table.column("label").to_numpy(), np.asarray(table.column("image_id").to_pylist(), dtype=object)
 
 
-@ray.remote(num_cpus=1)
-def _search_shard(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, block_size, num_threads):
-    import faiss
-
-    faiss.omp_set_num_threads(num_threads)
-    return neighbor_labels_for(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, block_size)
+def by_image_id(table: pa.Table) -> pa.Table:
+    """``table`` in image_id order: the canonical row order every metric is computed in."""
+    return table.take(pc.sort_indices(table, [("image_id", "ascending")]))
 
 
 def evaluation_pairs(splits: list[str]) -> list[tuple[str, str, str]]:
@@ -52,22 +56,56 @@ def evaluated_splits(embeddings: pa.Table, cfg: EvaluateConfig) -> list[str]:
 def evaluate_split(query: pa.Table, db: pa.Table, ks: list[int], cfg: EvaluateConfig,
                    num_threads: int = 1) -> list[dict]:
     """Recall@K, MAP@R and NMI of ``query`` against ``db``, queries sharded over Ray tasks."""
+    return evaluate_split_timed(query, db, ks, cfg, num_threads)[0]
+
+
+def evaluate_split_timed(query: pa.Table, db: pa.Table, ks: list[int], cfg: EvaluateConfig,
+                         num_threads: int = 1) -> tuple[list[dict], dict[str, float]]:
+    """``evaluate_split`` and the seconds of each part: ``prepare`` (id order, arrays, R per query, self rows),
+    ``search`` (the sharded exact search and its per-query statistics), ``reduce`` (metric rows), ``nmi``.
+
+    Each shard task reserves ``num_threads`` CPUs and runs faiss with that many threads.
+    """
+    times = {}
+    start = time.perf_counter()
+    same = query is db
+    query = by_image_id(query)
+    db = query if same else by_image_id(db)
     q_emb, q_labels, q_ids = _arrays(query)
-    d_emb, d_labels, d_ids = _arrays(db)
+    d_emb, d_labels, d_ids = (q_emb, q_labels, q_ids) if same else _arrays(db)
     n_relevant = relevant_counts(q_labels, q_ids, d_labels, d_ids) if cfg.map_at_r else None
     width = search_width(ks, n_relevant)
-    refs = [ray.put(x) for x in (d_emb, d_labels, d_ids)]
+    q_rows = self_rows(q_ids, d_ids)
+    times["prepare"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    refs = [ray.put(x) for x in (d_emb, d_labels)]
+    q_ref = refs[0] if same else ray.put(q_emb)
+    r = n_relevant
     bounds = np.linspace(0, len(q_emb), min(cfg.query_shards, len(q_emb)) + 1).astype(int)
-    futures = [_search_shard.remote(q_emb[a:b], q_ids[a:b], *refs, width, cfg.metric, cfg.block_size, num_threads)
+    shard = statistics_shard.options(num_cpus=num_threads)
+    futures = [shard.remote(q_ref, a, b, q_rows[a:b], q_labels[a:b], None if r is None else r[a:b], *refs, width,
+                            max(ks), cfg.metric, cfg.block_size, num_threads)
                for a, b in zip(bounds, bounds[1:]) if b > a]
-    neighbor_labels = np.concatenate(ray.get(futures))
-    rows = metrics_from_neighbors(q_labels, neighbor_labels, n_relevant, ks)
+    parts = ray.get(futures)
+    times["search"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    first_rank = np.concatenate([p[0] for p in parts])
+    average_precision = None if r is None else np.concatenate([p[1] for p in parts])
+    rows = metrics_from_statistics(first_rank, average_precision, ks)
+    times["reduce"] = time.perf_counter() - start
     if cfg.nmi:
-        same = set(q_ids.tolist()) == set(d_ids.tolist())
-        x = q_emb if same else np.concatenate([q_emb, d_emb])
-        y = q_labels if same else np.concatenate([q_labels, d_labels])
-        rows.append({"metric": "nmi", "k": None, "value": nmi(x, y, seed=cfg.seed)})
-    return rows
+        start = time.perf_counter()
+        same_rows = same or set(q_ids.tolist()) == set(d_ids.tolist())
+        x = q_emb if same_rows else np.concatenate([q_emb, d_emb])
+        y = q_labels if same_rows else np.concatenate([q_labels, d_labels])
+        ids = q_ids if same_rows else np.concatenate([q_ids, d_ids])
+        rows.append({"metric": "nmi", "k": None, "value": nmi(x, y, seed=cfg.seed, ids=ids)})
+        times["nmi"] = time.perf_counter() - start
+    log.info("evaluate: %d queries x %d database items, %d neighbours each: %s", len(q_ids), len(d_ids), width,
+             ", ".join(f"{part} {seconds:.2f} s" for part, seconds in times.items()))
+    return rows, times
 
 
 def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_id: str,
@@ -77,7 +115,7 @@ def run_evaluate(embeddings: pa.Table, ks: list[int], cfg: EvaluateConfig, run_i
     rows = []
     for name, q_split, d_split in evaluation_pairs(splits or evaluated_splits(embeddings, cfg)):
         query = embeddings.filter(pc.equal(embeddings.column("split"), q_split))
-        db = embeddings.filter(pc.equal(embeddings.column("split"), d_split))
+        db = query if d_split == q_split else embeddings.filter(pc.equal(embeddings.column("split"), d_split))
         if query.num_rows == 0 or db.num_rows < 2:
             raise ValueError(f"evaluate: split {q_split!r} / {d_split!r} has too few embeddings")
         usable = [k for k in ks if k < db.num_rows]
@@ -95,6 +133,7 @@ def evaluate_learners(embeddings: pa.Table, deml: DeMLConfig, ks: list[int], cfg
     ``learner_similarity`` and ``learner_similarity_std`` over images ("sim" of Table 4) when J >= 2, and
     ``recall_scale<i>`` for each OA root learner i (column "O" of Table 2) when I >= 2."""
     rows = []
+    embeddings = by_image_id(embeddings)
     for name, q_split, d_split in evaluation_pairs(evaluated_splits(embeddings, cfg)):
         query = embeddings.filter(pc.equal(embeddings.column("split"), q_split))
         q_emb, _, _ = _arrays(query)

@@ -3,13 +3,16 @@
 Each image of the explained splits is paired with its nearest gallery neighbour (itself excluded)
 and/or its nearest class prototype. References are joined in as vectors (raw embedding, head bias,
 GAP feature), so no backbone runs in this stage: the maps are einsums over the stored feature maps
-and, for the Grad-CAM family, one backward through the head.
+and, for the Grad-CAM family, one backward through the head. Below ``explain.in_process_below`` images
+the same per-batch classes run in the driver instead (pipelines/in_process.py): no Ray Data job, no
+actor start, the same rows.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -27,14 +30,22 @@ from dml_ray.explain.decomposition import point_to_point_map
 from dml_ray.explain.distcam import nearest_prototype
 from dml_ray.explain.oam import REFERENCE_KIND as SELF_KIND
 from dml_ray.explain.oam import ObjectAttentionMapper
-from dml_ray.io.fs import pyarrow_fs, url_to_fs
 from dml_ray.io.schemas import ACTIVATION_MAPS_SCHEMA
-from dml_ray.io.tables import commit_table, committed_files, read_table, staging_uri, table_uri, write_table
+from dml_ray.io.run import Run
 from dml_ray.models.checkpoint import LoadedModel, load_checkpoint
 from dml_ray.precision import autocast
 from dml_ray.report.overlays import gallery_figure
 from dml_ray.retrieval.prototypes import class_prototypes, fixed_list_to_numpy
 from dml_ray.retrieval.search import search_excluding_self
+from pipelines.in_process import (
+    DriverThreads,
+    apply_steps,
+    file_batches,
+    prefetched,
+    runs_in_process,
+    table_batches,
+    write_parquet_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,79 +212,91 @@ def pair_rows(checkpoint_uri: str, features: pa.Table, pairs: list[tuple[str, st
     }, schema=ACTIVATION_MAPS_SCHEMA)
 
 
-def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, output_root: str, run_id: str,
-                         cfg: ExplainConfig, splits: list[str], num_threads: int = 1,
-                         storage_options: Optional[dict] = None) -> ExplainResult:
+def run_object_attention(loaded: LoadedModel, checkpoint_uri: str, run: Run, cfg: ExplainConfig, splits: list[str],
+                         num_threads: int = 1) -> ExplainResult:
     """Commit ``activation_maps`` with one ``oam`` row per image of ``splits``: a DeML model's object-attention
     proposal, from one scale-1 pass over the images decoded as the embedding pass decodes them."""
     start = time.perf_counter()
-    so = storage_options
+    so, run_id = run.storage_options, run.run_id
     if "resize" not in loaded.extra:
         raise ValueError(f"{checkpoint_uri}: no 'resize' recorded in the checkpoint; cannot reproduce the input frame")
-    images = read_table(table_uri(output_root, run_id, "images"), so, columns=["image_id", "uri", "split"])
+    images = run.read("images", columns=["image_id", "uri", "split"])
     images = images.filter(pc.is_in(images.column("split"), pa.array(splits)))
-    ds = ray.data.from_arrow(images).repartition(max(1, min(images.num_rows // cfg.batch_size, 64)))
-    ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
-                        batch_size=cfg.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"resize": loaded.extra["resize"], "image_size": loaded.image_size},
-                        batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(ObjectAttentionMapper,
-                        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "run_id": run_id,
-                                               "num_threads": num_threads, "use_gpu": cfg.use_gpu,
-                                               "storage_options": so, "precision": cfg.precision},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
-                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)
-    staging = staging_uri(output_root, run_id, "activation_maps")
-    sfs, spath = pyarrow_fs(staging, so)
-    ds.write_parquet(spath, filesystem=sfs)
-    final = table_uri(output_root, run_id, "activation_maps")
-    marker = commit_table(staging, final, so)
+    staging = run.staging("activation_maps")
+    sfs, spath = run.pyarrow_fs(staging)
+    mapper_kwargs = {"checkpoint_uri": checkpoint_uri, "run_id": run_id, "num_threads": num_threads,
+                     "use_gpu": cfg.use_gpu, "storage_options": so, "precision": cfg.precision}
+    decode_kwargs = {"resize": loaded.extra["resize"], "image_size": loaded.image_size}
+    if runs_in_process(images.num_rows, cfg.in_process_below, cfg.use_gpu):
+        log.info("explain: %d images, below explain.in_process_below=%d: in the driver", images.num_rows,
+                 cfg.in_process_below)
+        with DriverThreads():
+            mapper = ObjectAttentionMapper(**mapper_kwargs)
+            read = [partial(fetch_bytes, storage_options=so), partial(decode_batch, **decode_kwargs)]
+            decoded = prefetched(apply_steps(table_batches(images, cfg.batch_size), read))
+            write_parquet_stream(apply_steps(decoded, [mapper]), spath, sfs)
+    else:
+        ds = ray.data.from_arrow(images).repartition(max(1, min(images.num_rows // cfg.batch_size, 64)))
+        ds = ds.map_batches(fetch_bytes, fn_kwargs={"storage_options": so}, batch_format="pyarrow",
+                            batch_size=cfg.batch_size, num_cpus=0.5)
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_format="pyarrow", batch_size=cfg.batch_size,
+                            num_cpus=0.5)
+        ds = ds.map_batches(ObjectAttentionMapper, fn_constructor_kwargs=mapper_kwargs,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+                            batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+                            num_gpus=1 if cfg.use_gpu else 0)
+        ds.write_parquet(spath, filesystem=sfs)
+    marker = run.commit("activation_maps", staging)
     seconds = time.perf_counter() - start
     log.info("explain: %d object-attention maps in %.1f s", marker["rows"], seconds)
-    return ExplainResult(marker["rows"], seconds, final, None)
+    return ExplainResult(marker["rows"], seconds, run.table_uri("activation_maps"), None)
 
 
-def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: ExplainConfig, splits: list[str],
-                num_threads: int = 1, storage_options: Optional[dict] = None) -> ExplainResult:
+def run_explain(checkpoint_uri: str, run: Run, cfg: ExplainConfig, splits: list[str],
+                num_threads: int = 1) -> ExplainResult:
     """Commit ``prototypes`` and ``activation_maps`` (one row per image, reference and method); for a DeML
     checkpoint, ``activation_maps`` of its object-attention proposals (``run_object_attention``)."""
     start = time.perf_counter()
-    so = storage_options
+    so, run_id = run.storage_options, run.run_id
     loaded = load_checkpoint(checkpoint_uri, so)
     if loaded.model_config.kind == "deml":
-        return run_object_attention(loaded, checkpoint_uri, output_root, run_id, cfg, splits, num_threads, so)
-    embeddings = read_table(table_uri(output_root, run_id, "embeddings"), so)
-    fm_uri = table_uri(output_root, run_id, "feature_maps")
-    features = read_table(fm_uri, so, columns=SMALL_FEATURE_COLUMNS)
+        return run_object_attention(loaded, checkpoint_uri, run, cfg, splits, num_threads)
+    embeddings = run.read("embeddings")
+    features = run.read("feature_maps", columns=SMALL_FEATURE_COLUMNS)
     prototypes = build_prototypes(embeddings, features, run_id, splits)
-    proto_uri = table_uri(output_root, run_id, "prototypes")
-    write_table(prototypes, proto_uri, staging_uri(output_root, run_id, "prototypes"), so, replace=True)
+    run.commit("prototypes", prototypes, replace=True)
     references = build_references(embeddings, features, prototypes, splits, cfg.references)
-    fs, _ = pyarrow_fs(fm_uri, so)
-    ds = ray.data.read_parquet(committed_files(fm_uri, so), filesystem=fs)
-    ds = ds.map_batches(
-        MapMaker, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "references": references,
-                                         "methods": list(cfg.methods), "run_id": run_id,
-                                         "num_threads": num_threads, "storage_options": so,
-                                         "precision": cfg.precision},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
-    staging = staging_uri(output_root, run_id, "activation_maps")
-    sfs, spath = pyarrow_fs(staging, so)
-    ds.write_parquet(spath, filesystem=sfs)
+    fm_files = run.files("feature_maps")
+    fs, _ = run.pyarrow_fs(run.output_root)
+    staging = run.staging("activation_maps")
+    sfs, spath = run.pyarrow_fs(staging)
+    maker_kwargs = {"checkpoint_uri": checkpoint_uri, "references": references, "methods": list(cfg.methods),
+                    "run_id": run_id, "num_threads": num_threads, "storage_options": so, "precision": cfg.precision}
+    if runs_in_process(features.num_rows, cfg.in_process_below, use_gpu=False):
+        log.info("explain: %d images, below explain.in_process_below=%d: in the driver", features.num_rows,
+                 cfg.in_process_below)
+        with DriverThreads():
+            steps = [MapMaker(**maker_kwargs)]
+            write_parquet_stream(apply_steps(file_batches(fm_files, fs, cfg.batch_size), steps), spath, sfs)
+    else:
+        ds = ray.data.read_parquet(fm_files, filesystem=fs)
+        ds = ds.map_batches(MapMaker, fn_constructor_kwargs=maker_kwargs,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+                            batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
+        ds.write_parquet(spath, filesystem=sfs)
     if cfg.pairs:
         wanted = sorted({i for pair in cfg.pairs for i in pair})
-        pair_features = read_table(fm_uri, so, filters=pc.field("image_id").isin(wanted))
+        pair_features = run.read("feature_maps", filter=pc.field("image_id").isin(wanted))
         pq.write_table(pair_rows(checkpoint_uri, pair_features, cfg.pairs, run_id, so), f"{spath}/pairs.parquet",
                        filesystem=sfs)
-    marker = commit_table(staging, table_uri(output_root, run_id, "activation_maps"), so)
+    marker = run.commit("activation_maps", staging)
     seconds = time.perf_counter() - start
     log.info("explain: %d activation-map rows in %.1f s", marker["rows"], seconds)
-    return ExplainResult(marker["rows"], seconds, table_uri(output_root, run_id, "activation_maps"), proto_uri)
+    return ExplainResult(marker["rows"], seconds, run.table_uri("activation_maps"), run.table_uri("prototypes"))
 
 
-def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data: DataConfig, n: int = 6,
-                     seed: int = 0, kind: str = "neighbor", storage_options: Optional[dict] = None) -> bytes:
+def maps_gallery_png(run: Run, images: pa.Table, maps: pa.Table, methods: list[str], data: DataConfig, n: int = 6,
+                     seed: int = 0, kind: str = "neighbor") -> bytes:
     """PNG gallery: ``n`` sampled explained images (model-input frame), each method's map against its ``kind``
     reference overlaid; maps without a reference (``self``, e.g. DeML's ``oam``) are shown whatever ``kind``."""
     maps = maps.filter(pc.is_in(maps.column("reference_kind"), pa.array([kind, SELF_KIND])))
@@ -283,9 +306,8 @@ def maps_gallery_png(images: pa.Table, maps: pa.Table, methods: list[str], data:
     uris = dict(zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()))
     views, per_image = [], []
     for image_id in chosen:
-        fs, path = url_to_fs(uris[image_id], storage_options)
-        with fs.open(path, "rb") as f:
-            views.append(display_view(decode_image(f.read()), data.input_resize(), data.image_size).numpy())
+        views.append(display_view(decode_image(run.read_input(uris[image_id])), data.input_resize(),
+                                  data.image_size).numpy())
         mine = maps.filter(pc.equal(maps.column("image_id"), image_id)).to_pylist()
         per_image.append({r["method"]: np.asarray(r["map"], np.float32).reshape(r["map_h"], r["map_w"]) for r in mine})
     titles = [i.rsplit("/", 1)[-1][-26:] for i in chosen]

@@ -118,8 +118,7 @@ def _stage_train(cfg: RunConfig, run: Run) -> dict:
 
 
 def _stage_embed(cfg: RunConfig, run: Run) -> dict:
-    result = run_embed(run.read("images"), _checkpoint(cfg, run), cfg.output_root, cfg.run_id, cfg.data, cfg.embed,
-                       cfg.num_threads, storage_options=run.storage_options)
+    result = run_embed(run.read("images"), _checkpoint(cfg, run), run, cfg.data, cfg.embed, cfg.num_threads)
     return {"rows": result.rows, "errors": result.errors, "reused": result.reused}
 
 
@@ -172,11 +171,9 @@ def _stage_mpn(cfg: RunConfig, run: Run) -> dict:
 
 def _stage_explain(cfg: RunConfig, run: Run) -> dict:
     splits = cfg.explain.splits or evaluated_splits(run.read("embeddings", columns=["split"]), cfg.evaluate)
-    result = run_explain(_checkpoint(cfg, run), cfg.output_root, cfg.run_id, cfg.explain, splits, cfg.num_threads,
-                         run.storage_options)
+    result = run_explain(_checkpoint(cfg, run), run, cfg.explain, splits, cfg.num_threads)
     figure = run.write_bytes(run.path(GALLERY_FILE), maps_gallery_png(
-        run.read("images"), run.read("activation_maps"), cfg.explain.methods, cfg.data, seed=cfg.evaluate.seed,
-        storage_options=run.storage_options))
+        run, run.read("images"), run.read("activation_maps"), cfg.explain.methods, cfg.data, seed=cfg.evaluate.seed))
     return {"rows": result.rows, "gallery": figure}
 
 

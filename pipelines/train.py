@@ -1,7 +1,6 @@
 """Training on Ray Train: DDP workers, rank-aware P x K batches, a checkpoint every epoch, resume on failure."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os

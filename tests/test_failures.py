@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from dml_ray.io.run import open_run
 from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.readers import read_images
 from dml_ray.data.synthetic import generate_synthetic
@@ -41,7 +42,7 @@ def damaged_dataset(tmp_path_factory):
 
 def test_corrupt_and_missing_images_go_to_errors(ray_session, damaged_dataset):
     root, images, ckpt, bad = damaged_dataset
-    result = run_embed(images, ckpt, root, "ok", DATA, EmbedConfig(batch_size=5, max_error_fraction=0.2))
+    result = run_embed(images, ckpt, open_run(root, "ok", create=True), DATA, EmbedConfig(batch_size=5, max_error_fraction=0.2))
     assert result.errors == 2 and result.rows == images.num_rows - 2
     errors = read_table(table_uri(root, "ok", "errors")).to_pylist()
     assert {e["image_id"] for e in errors} == bad
@@ -56,7 +57,7 @@ def test_corrupt_and_missing_images_go_to_errors(ray_session, damaged_dataset):
 def test_error_budget_exceeded_commits_nothing(ray_session, damaged_dataset):
     root, images, ckpt, _ = damaged_dataset
     with pytest.raises(ErrorBudgetExceeded, match=r"2 of 24 images failed .* embed.max_error_fraction=0.05"):
-        run_embed(images, ckpt, root, "strict", DATA, EmbedConfig(batch_size=8, max_error_fraction=0.05))
+        run_embed(images, ckpt, open_run(root, "strict", create=True), DATA, EmbedConfig(batch_size=8, max_error_fraction=0.05))
     assert not is_committed(table_uri(root, "strict", "embeddings"))
     assert not is_committed(table_uri(root, "strict", "errors", "embed"))
 
@@ -82,7 +83,7 @@ def test_killed_embedding_actor_still_embeds_every_image_once(ray_session, damag
     root, images, ckpt, bad = damaged_dataset
     marker = tmp_path / "actor-exited"
     cfg = EmbedConfig(batch_size=4, max_error_fraction=0.2, incremental=False)
-    result = run_embed(images, ckpt, root, "actor-killed", DATA, cfg, crash_once=str(marker))
+    result = run_embed(images, ckpt, open_run(root, "actor-killed", create=True), DATA, cfg, crash_once=str(marker))
     assert marker.exists(), "the actor never exited"
     ids = read_table(table_uri(root, "actor-killed", "embeddings")).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == result.rows == images.num_rows - len(bad)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from dml_ray.io.run import open_run
 from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.readers import read_images
 from dml_ray.io.tables import read_table, table_uri
@@ -98,7 +99,7 @@ def test_a_node_removed_mid_embed_still_embeds_every_image_once(two_worker_nodes
     cfg = EmbedConfig(batch_size=2, concurrency=2, max_error_fraction=0.1, incremental=False)
     data = DataConfig(kind="cub", root=setup["data"], resize=SIZE, image_size=SIZE)
     checkpoint = os.path.join(setup["data"], "model.pt")
-    result = run_embed(images, checkpoint, setup["out"], "lost-node", data, cfg)
+    result = run_embed(images, checkpoint, open_run(setup["out"], "lost-node", create=True), data, cfg)
     outcome["thread"].join(60)
     assert outcome.get("removed"), "no embedding actor ever ran on a worker node"
     ids = read_table(table_uri(setup["out"], "lost-node", "embeddings")).column("image_id").to_pylist()

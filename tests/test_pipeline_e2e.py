@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from dml_ray.io.run import open_run
 from dml_ray.cli import main
 from dml_ray.data.batches import decode_batch, fetch_bytes
 from dml_ray.io.schemas import embeddings_schema, feature_maps_schema
@@ -244,7 +245,7 @@ def test_explain_stage_stores_point_to_point_tensors_for_configured_pairs(demo_r
     pairs = [(test_ids[0], test_ids[1]), (test_ids[2], test_ids[0])]
     explain = cfg.explain.model_copy(update={"pairs": pairs, "methods": ["decomposition"],
                                              "references": ["neighbor"]})
-    result = run_explain(model_uri(cfg.output_root, "t"), cfg.output_root, "pairs", explain, ["test"])
+    result = run_explain(model_uri(cfg.output_root, "t"), open_run(cfg.output_root, "pairs"), explain, ["test"])
     maps = read_table(result.activation_maps_uri)
     p2p = maps.filter(pc.equal(maps.column("method"), "point_to_point")).to_pylist()
     assert [(r["image_id"], r["reference_id"]) for r in p2p] == pairs

@@ -258,3 +258,25 @@ def test_bad_inputs_raise_one_line_errors(call, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def _tied_and_overlapping(n: int = 400, seed: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Overlapping noisy classes (k-means has several local optima) plus exact duplicates across classes
+    (distance ties whose order decides Recall@K and MAP@R unless ties are broken by id)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    emb = (0.6 * rng.normal(size=(10, 6))[labels] + rng.normal(size=(n, 6))).astype(np.float32)
+    emb[n // 2 : n // 2 + 40] = emb[:40]  # duplicates, mostly with another label
+    return emb, labels, np.array([f"img{i:04d}" for i in range(n)])
+
+
+def test_metrics_do_not_depend_on_row_order() -> None:
+    # issue 11 item 11: NMI changed between identical runs because rows arrived in another order
+    emb, labels, ids = _tied_and_overlapping()
+    ks = [1, 2, 4, 8]
+    expected = evaluate_retrieval(emb, labels, ids, emb, labels, ids, ks)
+    for seed in range(3):
+        p = np.random.default_rng(seed).permutation(len(ids))
+        q = np.random.default_rng(seed + 10).permutation(len(ids))
+        assert evaluate_retrieval(emb[p], labels[p], ids[p], emb[q], labels[q], ids[q], ks) == expected
+        assert nmi(emb[p], labels[p], ids=ids[p]) == nmi(emb, labels, ids=ids)

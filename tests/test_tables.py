@@ -81,3 +81,15 @@ def test_manifest_merges_stages(tmp_path):
     doc = update_manifest(root, "r1", stages={"train": {"seconds": 1}})
     assert doc["config"] == {"a": 1} and set(doc["stages"]) == {"data", "train"}
     assert json.loads((tmp_path / "runs" / "r1" / "manifest.json").read_text())["stages"]["data"]["rows"] == 3
+
+
+def test_commit_keeps_every_file_whatever_the_staged_names(tmp_path):
+    """Staged files are renamed part-NNNNN in sorted order; one already called part-00000.parquet (a shard
+    writer's name) must not be overwritten by the rename of another (it was)."""
+    root = str(tmp_path)
+    staging = staging_uri(root, "r1", "t")
+    _write(f"{staging}/a-shard", pa.table({"a": [1]}), "x.parquet")
+    _write(staging, pa.table({"a": [2, 3]}), "part-00000.parquet")
+    marker = commit_table(staging, table_uri(root, "r1", "t"))
+    assert marker["rows"] == 3 and len(marker["files"]) == 2
+    assert sorted(read_table(table_uri(root, "r1", "t")).column("a").to_pylist()) == [1, 2, 3]

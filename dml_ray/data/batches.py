@@ -4,6 +4,7 @@ Each step records a per-row ``error`` instead of raising, so one bad file never 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -16,6 +17,8 @@ from dml_ray.data.transforms import decode_image, eval_transform
 from dml_ray.io.fs import url_to_fs
 
 IO_THREADS = 8
+# "<_io.BytesIO object at 0x7f...>" in PIL's messages: an address differs from run to run, the errors table must not
+_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 def _read_one(uri: str, storage_options: Optional[dict]) -> tuple[Optional[bytes], Optional[str]]:
@@ -52,7 +55,7 @@ def decode_batch(batch: pa.Table, resize: int | Sequence[int], image_size: int) 
         try:
             images[i] = transform(decode_image(data)).numpy()
         except Exception as err:  # noqa: BLE001 - corrupt images are recorded, not fatal
-            errors[i] = f"decode: {type(err).__name__}: {err}"
+            errors[i] = f"decode: {type(err).__name__}: {_OBJECT_ADDRESS.sub('>', str(err))}"
     out = {name: batch.column(name).to_numpy(zero_copy_only=False)
            for name in batch.column_names if name not in ("bytes", "error")}
     out["error"] = np.array(errors, dtype=object)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import fsspec
 import pyarrow as pa
@@ -27,9 +27,12 @@ from dml_ray.io import schemas, tables
 from dml_ray.io.fs import is_local, join, url_to_fs
 from dml_ray.io.lock import output_lock
 
+if TYPE_CHECKING:
+    import ray.data
+
 log = logging.getLogger(__name__)
 
-TableLike = Union[pa.Table, "ray.data.Dataset"]  # noqa: F821 - Ray is imported only where a Dataset is used
+TableLike = Union[pa.Table, "ray.data.Dataset"]
 
 
 @dataclass(eq=False)

@@ -85,8 +85,12 @@ def commit_table(staging: str, final: str, storage_options: Optional[dict] = Non
         fs.makedirs(src, exist_ok=True)
         fs.makedirs(dst.rstrip("/").rsplit("/", 1)[0], exist_ok=True)
         fs.mv(src, dst, recursive=True)
-        for old, new in zip(files, names):
-            fs.mv(join(dst, old[len(src):]), join(dst, new))
+        # through temporary names: a staged file may already be called like another file's final name
+        moved = [join(dst, f".renaming-{i:05d}") for i in range(len(files))]
+        for old, tmp in zip(files, moved):
+            fs.mv(join(dst, old[len(src):]), tmp)
+        for tmp, new in zip(moved, names):
+            fs.mv(tmp, join(dst, new))
         for p in fs.find(dst, withdirs=True)[::-1]:
             if fs.isdir(p) and p.rstrip("/") != dst.rstrip("/") and not fs.ls(p):
                 fs.rmdir(p)

@@ -13,6 +13,7 @@ Score conventions (every function returns them as faiss computes them):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -56,29 +57,18 @@ def _resolve_use_gpu(use_gpu: bool | None) -> bool:
     return use_gpu
 
 
-def knn_search(
+def knn_blocks(
     queries: np.ndarray,
     database: np.ndarray,
     k: int,
     metric: str = "cosine",
     block_size: int = 4096,
     use_gpu: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours of every query in ``database``.
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """``knn_search`` one block of ``block_size`` queries at a time: yields ``(rows, scores, indices)``.
 
-    Args:
-        queries: (nq, d) query vectors.
-        database: (nb, d) database vectors, nb >= 1.
-        k: number of neighbours; capped at nb.
-        metric: ``"cosine"`` (inner product of L2-normalised copies; the inputs are not modified)
-            or ``"euclidean"`` (squared L2).
-        block_size: queries searched per faiss call.
-        use_gpu: faiss GPU brute force (``faiss.knn_gpu``); ``None`` uses it when faiss sees a GPU.
-            For k > GPU_MAX_K the CPU is used.
-
-    Returns:
-        ``(scores, indices)``, both (nq, min(k, nb)): float32 cosine similarities sorted descending,
-        or float32 squared L2 distances sorted ascending; int64 row indices into ``database``.
+    The inputs are validated and normalised once; a caller that reduces each block (to per-query
+    statistics, say) never holds the (nq, k) result matrices.
     """
     if metric not in METRICS:
         raise ValueError(f"knn_search: unknown metric {metric!r}; expected one of: {', '.join(METRICS)}")
@@ -105,17 +95,45 @@ def knn_search(
         logger.info("knn_search: k=%d exceeds the faiss GPU limit %d; searching on CPU", k, GPU_MAX_K)
         gpu = False
     resources = faiss.StandardGpuResources() if gpu else None
-
-    scores = np.empty((xq.shape[0], k), dtype=np.float32)
-    indices = np.empty((xq.shape[0], k), dtype=np.int64)
     for start in range(0, xq.shape[0], block_size):
         block = xq[start : start + block_size]
         if resources is not None:
             d, i = faiss.knn_gpu(resources, block, xb, k, metric=faiss_metric)
         else:
             d, i = faiss.knn(block, xb, k, metric=faiss_metric)
-        scores[start : start + len(block)] = d
-        indices[start : start + len(block)] = i
+        yield slice(start, start + len(block)), d, i
+
+
+def knn_search(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    block_size: int = 4096,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of every query in ``database``.
+
+    Args:
+        queries: (nq, d) query vectors.
+        database: (nb, d) database vectors, nb >= 1.
+        k: number of neighbours; capped at nb.
+        metric: ``"cosine"`` (inner product of L2-normalised copies; the inputs are not modified)
+            or ``"euclidean"`` (squared L2).
+        block_size: queries searched per faiss call.
+        use_gpu: faiss GPU brute force (``faiss.knn_gpu``); ``None`` uses it when faiss sees a GPU.
+            For k > GPU_MAX_K the CPU is used.
+
+    Returns:
+        ``(scores, indices)``, both (nq, min(k, nb)): float32 cosine similarities sorted descending,
+        or float32 squared L2 distances sorted ascending; int64 row indices into ``database``.
+    """
+    width = min(k, len(database))
+    scores = np.empty((len(queries), width), dtype=np.float32)
+    indices = np.empty((len(queries), width), dtype=np.int64)
+    for rows, d, i in knn_blocks(queries, database, k, metric, block_size, use_gpu):
+        scores[rows] = d
+        indices[rows] = i
     return scores, indices
 
 
@@ -175,6 +193,51 @@ def exclude_self(neighbor_ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.
     return np.take_along_axis(np.asarray(neighbor_ids), columns, axis=1)
 
 
+def self_rows(query_ids: np.ndarray, db_ids: np.ndarray) -> np.ndarray:
+    """Database row of each query (-1 where the query is not in the database); ``db_ids`` must be unique."""
+    query_ids = np.asarray(query_ids)
+    db_ids = np.asarray(db_ids)
+    if query_ids.ndim != 1 or db_ids.ndim != 1:
+        raise ValueError(f"self rows: ids must be 1-D, got {query_ids.shape} and {db_ids.shape}")
+    if len(np.unique(db_ids)) != len(db_ids):
+        raise ValueError("search_excluding_self: db_ids contain duplicates; ids must be unique")
+    return locate_ids(query_ids, db_ids)
+
+
+def excluding_self_blocks(
+    query_emb: np.ndarray,
+    query_rows: np.ndarray,
+    db_emb: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    block_size: int = 4096,
+    use_gpu: bool | None = None,
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """``search_excluding_self`` one query block at a time, the queries given by their database row.
+
+    Args:
+        query_rows: (nq,) database row of each query (``self_rows``), -1 for a query not in it. A
+            row is the query's id resolved once, so the self-match is still removed by id, at any
+            rank, and the search compares integers instead of strings.
+
+    Yields:
+        ``(rows, scores, db_indices)`` per block, of the width ``search_excluding_self`` gives.
+    """
+    if k < 1:
+        raise ValueError(f"search_excluding_self: k must be >= 1, got {k}")
+    query_rows = np.asarray(query_rows, dtype=np.int64)
+    if query_rows.shape != (len(query_emb),):
+        raise ValueError(f"search_excluding_self: expected one database row per query, got {query_rows.shape} "
+                         f"for {len(query_emb)} queries")
+    if not (query_rows >= 0).any():
+        yield from knn_blocks(query_emb, db_emb, k, metric, block_size, use_gpu)
+        return
+    k_out = min(k, len(db_emb) - 1)
+    for rows, scores, indices in knn_blocks(query_emb, db_emb, k_out + 1, metric, block_size, use_gpu):
+        columns = self_excluded_columns(indices, query_rows[rows], k_out)
+        yield rows, np.take_along_axis(scores, columns, axis=1), np.take_along_axis(indices, columns, axis=1)
+
+
 def search_excluding_self(
     query_emb: np.ndarray,
     query_ids: np.ndarray,
@@ -208,11 +271,9 @@ def search_excluding_self(
             f"search_excluding_self: ids must be 1-D with one id per row; got query_ids {query_ids.shape} "
             f"for {len(query_emb)} queries and db_ids {db_ids.shape} for {len(db_emb)} database rows"
         )
-    if len(np.unique(db_ids)) != len(db_ids):
-        raise ValueError("search_excluding_self: db_ids contain duplicates; ids must be unique")
-    if not (locate_ids(query_ids, db_ids) >= 0).any():
-        return knn_search(query_emb, db_emb, k, metric, block_size, use_gpu)
-    k_out = min(k, len(db_ids) - 1)
-    scores, indices = knn_search(query_emb, db_emb, k_out + 1, metric, block_size, use_gpu)
-    columns = self_excluded_columns(db_ids[indices], query_ids, k_out)
-    return np.take_along_axis(scores, columns, axis=1), np.take_along_axis(indices, columns, axis=1)
+    blocks = list(excluding_self_blocks(query_emb, self_rows(query_ids, db_ids), db_emb, k, metric, block_size,
+                                        use_gpu))
+    if not blocks:
+        width = min(k, len(db_emb))
+        return np.empty((0, width), np.float32), np.empty((0, width), np.int64)
+    return np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
