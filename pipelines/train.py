@@ -24,11 +24,11 @@ from dml_ray.config import ConfigError, RunConfig, TrainConfig, parse_config
 from dml_ray.data.dataset import ImageTableDataset
 from dml_ray.data.samplers import RankAwarePKBatchSampler
 from dml_ray.data.transforms import eval_transform, train_transform, warn_if_upsampling
-from dml_ray.io.fs import join, pyarrow_fs
+from dml_ray.io.fs import join
 from dml_ray.io.run import open_run, storage_options_of
 from dml_ray.io.schemas import METRICS_SCHEMA
 from dml_ray.io.tables import read_table, run_uri
-from dml_ray.models.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
+from dml_ray.models.checkpoint import checkpoint_bytes, load_checkpoint
 from dml_ray.models.embedding import build_model
 from dml_ray.objectives import build_objective, distribute
 from dml_ray.precision import grad_scaler
@@ -323,8 +323,8 @@ def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) ->
     start = time.perf_counter()
     _check_inputs(images_uri, cfg)
     so = storage_options_of(cfg)
-    storage = join(cfg.output_root, "_train", cfg.run_id)
-    fs, path = pyarrow_fs(storage, so)
+    run = open_run(cfg.output_root, cfg.run_id, cfg.storage, create=True)
+    fs, path = run.pyarrow_fs(run.train_storage)
     fs.create_dir(path, recursive=True)
     check_batch_fits(train_class_count(images_uri, so), cfg.train)
     local_dir = tempfile.mkdtemp(prefix="dml_ray_ckpt_") if cfg.train.num_workers == 0 else None
@@ -358,6 +358,5 @@ def run_train(images_uri: str, cfg: RunConfig, fail_once: dict | None = None) ->
     if selected is not None:
         log.info("train: kept the model of epoch %d (%s %.4f)%s", selected, cfg.train.validation.metric,
                  selection["best_value"], ", stopped early" if stopped else "")
-    uri = model_uri(cfg.output_root, cfg.run_id)
-    save_checkpoint(uri, data, so)
+    uri = run.write_bytes(model_uri(cfg.output_root, cfg.run_id), data)
     return TrainResult(uri, history, time.perf_counter() - start, selected, stopped)

@@ -13,6 +13,7 @@ part of the handle's ``repr``.
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
@@ -68,6 +69,11 @@ class Run:
     def uri(self) -> str:
         """URI of the run's folder."""
         return tables.run_uri(self.output_root, self.run_id)
+
+    @property
+    def train_storage(self) -> str:
+        """Where Ray Train keeps this run's per-epoch checkpoints (``<output_root>/_train/<run_id>``)."""
+        return join(self.output_root, "_train", self.run_id)
 
     def path(self, *parts: str) -> str:
         """URI of a file or folder inside the run's folder (figures, the report, logs, the model)."""
@@ -166,10 +172,16 @@ class Run:
         return self.fs.exists(self.fs_path(uri))
 
     def write_bytes(self, uri: str, data: bytes) -> str:
-        """Write a file (a URI from :meth:`path`); returns the URI."""
+        """Write a file (a URI from :meth:`path`) whole or not at all: through a temporary file and a rename on a
+        local file system, one PUT on object stores. Returns the URI."""
         path = self.fs_path(uri)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, data)
+        if is_local(self.fs):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
         return uri
 
     def read_bytes(self, uri: str) -> Optional[bytes]:
