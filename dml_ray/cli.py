@@ -221,6 +221,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dml_ray.io.run import open_run
+    from dml_ray.serve.app import create_app
+    from dml_ray.serve.explorer import Explorer
+
+    if args.host not in LOOPBACK and not args.token:
+        raise ValueError(f"--host {args.host}: beyond loopback the explorer needs --token")
+    root, storage_options = _root_and_storage(args)
+    app = create_app(Explorer(open_run(root, args.run, storage_options)), token=args.token)
+    print(f"explorer: http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else ""))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.compare import HEADER, write_comparison
 
@@ -317,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a model checkpoint (runs/<run>/model/model.pt)")
     p.add_argument("--out", required=True, help="Parquet file to write")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("serve", help="the web explorer of a run (gallery, top-k with maps, regions, uploads)")
+    p.add_argument("--root", default=None, help="output root (default: the --config's, else ./demo_out)")
+    p.add_argument("--config", help="a run config: its output_root and storage.options")
+    p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.add_argument("--host", default="127.0.0.1", help="default loopback; any other needs --token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="required on every request (Bearer header or ?token=)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run, or of every run")
     p.add_argument("sql")
