@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from json import loads as json_loads
 
 import numpy as np
 import pyarrow as pa
@@ -180,3 +181,80 @@ def test_serve_refuses_a_public_host_without_token(served, capsys) -> None:
 
     assert main(["serve", "--root", os.path.join(served["root"], "out"), "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
+
+
+def test_browser_drives_the_explorer(served, tmp_path) -> None:
+    """Headless Chromium on the live app: click a gallery image, a point, drag a box, upload; what the page
+    shows equals the library (top-k ids and borders, point-map values, re-ranked order, upload top-k)."""
+    import shutil
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chrome, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chrome and driver_bin, "Chromium and chromium-driver are needed (.ci/run installs them)"
+    ex = served["explorer"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(ex), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chrome
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_bin), options=options)
+    state = lambda expr: browser.execute_script(f"return window.explorerState.{expr};")  # noqa: E731
+    wait = WebDriverWait(browser, 20)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda b: b.execute_script("return document.body.dataset.ready === '1';"))
+        browser.find_element(By.CSS_SELECTOR, "#gallery img[data-id='c1_0']").click()
+        wait.until(lambda b: state("mapsShown") and state("query") == "c1_0")
+        hits = browser.find_elements(By.CSS_SELECTOR, "#topk .hit")
+        expected = ex.topk("c1_0", 10)
+        assert [h.get_attribute("data-id") for h in hits] == [e["image_id"] for e in expected]
+        borders = [h.find_element(By.TAG_NAME, "img").get_attribute("class") for h in hits]
+        assert borders == ["match" if e["match"] else "miss" for e in expected]
+        assert len(hits[0].find_elements(By.CSS_SELECTOR, "canvas.map")) == len(ex.methods)
+
+        query = browser.find_element(By.ID, "query")
+        ActionChains(browser).move_to_element_with_offset(query, -40, 30).click().perform()
+        wait.until(lambda b: state("pointsShown") == 1)
+        row, col = state("point")
+        shown = np.array(json_loads(hits[0].find_element(By.CSS_SELECTOR, "canvas.point").get_attribute(
+            "data-values")))
+        want = ex.point_map("c1_0", expected[0]["image_id"], row, col)
+        for i, j in ((0, 0), (1, 2), (want.shape[0] - 1, want.shape[1] - 1)):
+            assert shown[i, j] == pytest.approx(float(want[i, j]), rel=1e-5, abs=1e-7)
+
+        (ActionChains(browser).move_to_element_with_offset(query, -100, -100).click_and_hold()
+         .move_by_offset(80, 90).release().perform())
+        wait.until(lambda b: state("hits") and b.find_element(By.ID, "mode").text == "region re-ranked")
+        box = state("box")
+        reranked = [h.get_attribute("data-id") for h in browser.find_elements(By.CSS_SELECTOR, "#topk .hit")]
+        assert reranked == [h["image_id"] for h in ex.region_rerank("c1_0", tuple(box), 10)]
+
+        path = os.path.join(served["root"], "c0_2.png")
+        browser.find_element(By.ID, "upload").send_keys(path)
+        wait.until(lambda b: b.find_element(By.ID, "mode").text == "upload")
+        uploaded = [h.get_attribute("data-id") for h in browser.find_elements(By.CSS_SELECTOR, "#topk .hit")]
+        assert uploaded == [h["image_id"] for h in ex.upload_topk(open(path, "rb").read(), 10)[0]]
+        browser.find_element(By.CSS_SELECTOR, "#gallery img[data-id='c1_0']").click()
+        wait.until(lambda b: state("mapsShown") and state("query") == "c1_0")
+        shot = os.environ.get("DML_RAY_EXPLORER_SCREENSHOT") or str(tmp_path / "explorer.png")
+        assert browser.save_screenshot(shot)
+    finally:
+        browser.quit()
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -68,7 +68,7 @@ async function showHits(hits, mode) {
 }
 
 async function openQuery(id) {
-  state.query = id; drawQuery(id);
+  state.query = id; state.mapsShown = false; drawQuery(id);
   await showHits(await getJSON(`api/topk?id=${encodeURIComponent(id)}&k=10`), "nearest");
   for (const div of q("#topk").children) {
     const maps = await getJSON(`api/maps?query=${encodeURIComponent(id)}&ref=${encodeURIComponent(div.dataset.id)}`);
@@ -77,6 +77,7 @@ async function openQuery(id) {
       c.title = method; drawMap(c, maps.maps[method]); div.appendChild(c);
     }
   }
+  state.mapsShown = true;
 }
 
 function framePixel(ev) {  // (row, col) in the model-input frame
@@ -91,15 +92,18 @@ q("#query").addEventListener("mouseup", async (ev) => {
   const [r0, c0] = dragStart, [r1, c1] = framePixel(ev); dragStart = null;
   const id = encodeURIComponent(state.query);
   if (Math.abs(r1 - r0) < 2 && Math.abs(c1 - c0) < 2) {  // a click: point-specific map on every hit
+    state.point = [r0, c0];
     for (const div of q("#topk").children) {
       const res = await getJSON(`api/point?query=${id}&ref=${encodeURIComponent(div.dataset.id)}&row=${r0}&col=${c0}`);
       let c = div.querySelector("canvas.point");
       if (!c) { c = document.createElement("canvas"); c.className = "map point"; div.appendChild(c); }
       c.dataset.values = JSON.stringify(res.map); drawMap(c, res.map);
     }
+    state.pointsShown = (state.pointsShown || 0) + 1;
     return;
   }
   const x = Math.min(c0, c1), y = Math.min(r0, r1), w = Math.abs(c1 - c0), h = Math.abs(r1 - r0);
+  state.box = [x, y, w, h];
   await showHits(await getJSON(`api/region?query=${id}&x=${x}&y=${y}&w=${w}&h=${h}&k=10`), "region re-ranked");
 });
 
