@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from PIL import Image
 
@@ -58,6 +57,7 @@ class Explorer:
         self.embedder = load_model(run_checkpoint(run), run.storage_options)
         self.head = self.embedder.model.head.eval()
         self.image_size = (self.embedder.image_size, self.embedder.image_size)
+        self._store: Optional[tuple[dict[str, int], np.ndarray, tuple[int, int, int]]] = None
         self._features = lru_cache(maxsize=cache_size)(self._read_features)
         self.pair_maps = lru_cache(maxsize=cache_size)(self._pair_maps)
 
@@ -104,17 +104,26 @@ class Explorer:
         return out[:k]
 
     # ---- maps from stored feature maps + the head ----
+    def _feature_store(self) -> tuple[dict[str, int], np.ndarray, tuple[int, int, int]]:
+        """The stored feature maps, read once into memory (N x C·H·W float16; N·C·H·W·2 bytes): a per-id Parquet
+        scan costs seconds per request at 10k rows (bench/serve_latency.py)."""
+        if self._store is None:
+            t = self.run.read("feature_maps", columns=["image_id", "channels", "map_h", "map_w", "feature_map"])
+            if t.num_rows == 0:
+                raise KeyError("the run has no stored feature maps (embed.feature_maps was off?)")
+            shape = tuple(int(t.column(n)[0].as_py()) for n in ("channels", "map_h", "map_w"))
+            flat = t.column("feature_map").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            self._store = ({i: r for r, i in enumerate(t.column("image_id").to_pylist())},
+                           np.asarray(flat, np.float16).reshape(t.num_rows, -1), shape)
+        return self._store
+
     def _read_features(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(feature map C x H x W, equivalent features H x W x d, raw embedding d, bias d) of a stored image."""
         self.check_id(image_id)
-        t = self.run.read("feature_maps", columns=["channels", "map_h", "map_w", "feature_map", "gap_feature"],
-                          filter=pc.field("image_id") == image_id)
-        if t.num_rows != 1:
+        rows, maps, shape = self._feature_store()
+        if image_id not in rows:
             raise KeyError(f"no stored feature map for {image_id!r} (embed.feature_maps was off?)")
-        c, h, w = (int(t.column(n)[0].as_py()) for n in ("channels", "map_h", "map_w"))
-        a = torch.from_numpy(np.asarray(t.column("feature_map")[0].values.to_numpy(zero_copy_only=False),
-                                        np.float32).reshape(c, h, w))
-        return self._features_of(a)
+        return self._features_of(torch.from_numpy(maps[rows[image_id]].astype(np.float32).reshape(shape)))
 
     def _features_of(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
