@@ -140,7 +140,13 @@ def _png(size: tuple[int, int] = (40, 30)) -> bytes:
 def test_upload_searches_and_refuses_bad_input(served, monkeypatch) -> None:
     client, ex = served["client"], served["explorer"]
     data = open(os.path.join(served["root"], "c2_3.png"), "rb").read()
-    hits = client.post("/api/upload", params={"k": 3}, content=data).json()["topk"]
+    body = client.post("/api/upload", params={"k": 3}, content=data).json()
+    hits = body["topk"]
+    # the upload is a stored image: its maps against a hit equal the stored pair's maps
+    first = hits[0]["image_id"]
+    assert sorted(body["maps"]) == sorted(h["image_id"] for h in hits)
+    for method in ex.methods:
+        np.testing.assert_allclose(body["maps"][first][method], ex.pair_maps("c2_3", first)[method], atol=2e-3)
     want = served["run"].search([os.path.join(served["root"], "c2_3.png")], k=3)
     assert [h["image_id"] for h in hits] == want.column("image_id").to_pylist()
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
@@ -250,6 +256,8 @@ def test_browser_drives_the_explorer(served, tmp_path) -> None:
         wait.until(lambda b: b.find_element(By.ID, "mode").text == "upload")
         uploaded = [h.get_attribute("data-id") for h in browser.find_elements(By.CSS_SELECTOR, "#topk .hit")]
         assert uploaded == [h["image_id"] for h in ex.upload_topk(open(path, "rb").read(), 10)[0]]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#topk .hit")[0].find_elements(By.CSS_SELECTOR,
+                                                                                          "canvas.map")) == len(ex.methods)
         browser.find_element(By.CSS_SELECTOR, "#gallery img[data-id='c1_0']").click()
         wait.until(lambda b: state("mapsShown") and state("query") == "c1_0")
         shot = os.environ.get("DML_RAY_EXPLORER_SCREENSHOT") or str(tmp_path / "explorer.png")

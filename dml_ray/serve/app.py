@@ -104,8 +104,8 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
             data += chunk
             if len(data) > limits.MAX_UPLOAD_BYTES:
                 raise BadInput(f"upload exceeds {limits.MAX_UPLOAD_BYTES} bytes")
-        hits, _ = explorer.upload_topk(data, k)
-        return {"topk": hits}
+        hits, _, maps = explorer.upload_topk(data, k)
+        return {"topk": hits, "maps": {ref: {m: v.tolist() for m, v in per.items()} for ref, per in maps.items()}}
 
     @app.get("/api/projection")
     def projection() -> dict:

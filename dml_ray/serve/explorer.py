@@ -183,10 +183,22 @@ class Explorer:
                 raise
             raise BadInput(f"upload: not a readable image ({type(err).__name__})") from None
 
-    def upload_topk(self, data: bytes, k: int = 10) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """One forward of an uploaded image: its top-k and its embedding."""
-        vector = self.embedder.embed([self.check_upload(data)])
-        return self._hits(self.index.search(vector, k), None, None, k), vector[0]
+    def upload_topk(self, data: bytes, k: int = 10, maps_for: int = 3
+                    ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, dict[str, np.ndarray]]]:
+        """One forward of an uploaded image: its top-k, its embedding, and the configured maps of the upload
+        against its first ``maps_for`` hits (the hits' stored feature maps; empty when the run stores none)."""
+        out = self.embedder.forward(self.embedder.tensors([self.check_upload(data)]))
+        vector = out.embedding.float().numpy()
+        hits = self._hits(self.index.search(vector, k), None, None, k)
+        maps: dict[str, dict[str, np.ndarray]] = {}
+        if self.run.committed("feature_maps"):
+            a_q = out.feature_map.float()
+            for hit in hits[:maps_for]:
+                a_r, _, raw_r, bias_r = self._features(hit["image_id"])
+                arrays, _ = reference_maps(self.head, a_q, raw_r[None], bias_r[None], a_r.mean(dim=(1, 2))[None],
+                                           self.methods)
+                maps[hit["image_id"]] = {m: v[0].numpy() for m, v in arrays.items()}
+        return hits, vector[0], maps
 
     # ---- projection ----
     def projection(self) -> np.ndarray:

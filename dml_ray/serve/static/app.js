@@ -111,6 +111,13 @@ q("#upload").addEventListener("change", async () => {
   const file = q("#upload").files[0]; if (!file) return;
   const res = await getJSON("api/upload?k=10", {method: "POST", body: file});
   state.query = null; await showHits(res.topk, "upload");
+  for (const div of q("#topk").children) {  // the upload's maps against its first hits (one forward, server side)
+    const maps = res.maps[div.dataset.id]; if (!maps) continue;
+    for (const method of state.info.methods) {
+      const c = document.createElement("canvas"); c.className = "map"; c.title = method;
+      drawMap(c, maps[method]); div.appendChild(c);
+    }
+  }
 });
 q("#filter").onclick = loadGallery;
 
