@@ -189,6 +189,57 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from dml_ray.io.run import open_run
+
+    root, storage_options = _root_and_storage(args)
+    result = open_run(root, args.run, storage_options).search([args.image], k=args.k)
+    rows = result.select(["rank", "image_id", "label", "split", "score"]).to_pylist()
+    if args.format == "json":
+        print(json.dumps(rows))
+    elif args.format == "csv":
+        result.select(["rank", "image_id", "label", "split", "score"]).to_pandas().to_csv(sys.stdout, index=False)
+    else:
+        print(f"{'rank':>4}  {'image_id':<40} {'label':>6}  {'split':<8} {'score':>8}")
+        for r in rows:
+            print(f"{r['rank']:>4}  {r['image_id']:<40} {r['label']:>6}  {r['split']:<8} {r['score']:>8.4f}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from dml_ray.explore.folder_embed import embed_folder
+    from pipelines.ray_env import ensure_ray
+
+    allowed = StorageConfig().allowed_schemes
+    for name, value in (("--checkpoint", args.checkpoint), ("images", args.images), ("--out", args.out)):
+        check_scheme(name, value, allowed)
+    ensure_ray()
+    result = embed_folder(args.images, args.checkpoint, args.out)
+    print(f"embeddings: {result.out} ({result.rows} rows, {result.errors} images failed)")
+    return 0
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dml_ray.io.run import open_run
+    from dml_ray.serve.app import create_app
+    from dml_ray.serve.explorer import Explorer
+
+    if args.host not in LOOPBACK and not args.token:
+        raise ValueError(f"--host {args.host}: beyond loopback the explorer needs --token")
+    root, storage_options = _root_and_storage(args)
+    app = create_app(Explorer(open_run(root, args.run, storage_options)), token=args.token)
+    print(f"explorer: http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else ""))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.compare import HEADER, write_comparison
 
@@ -270,6 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids; a sweep's id (dml-ray tune) means its trials")
     p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("search", help="the nearest images of a run's embeddings to a query image")
+    p.add_argument("--image", required=True, help="query image (path or URI), embedded with the run's model")
+    p.add_argument("--root", default=None, help="output root (default: the --config's, else ./demo_out)")
+    p.add_argument("--config", help="a run config: its output_root and storage.options")
+    p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("embed", help="embed a folder of images (Ray Data) into a Parquet file, embeddings schema")
+    p.add_argument("images", help="folder or URI of images (searched recursively)")
+    p.add_argument("--checkpoint", required=True, help="a model checkpoint (runs/<run>/model/model.pt)")
+    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("serve", help="the web explorer of a run (gallery, top-k with maps, regions, uploads)")
+    p.add_argument("--root", default=None, help="output root (default: the --config's, else ./demo_out)")
+    p.add_argument("--config", help="a run config: its output_root and storage.options")
+    p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.add_argument("--host", default="127.0.0.1", help="default loopback; any other needs --token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="required on every request (Bearer header or ?token=)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run, or of every run")
     p.add_argument("sql")

@@ -268,3 +268,34 @@ def test_readme_python_example_runs_on_a_demo_run(demo_run, capsys):
     assert set(scope["test"].column("split").to_pylist()) == {"test"}
     assert scope["ds"].count() == len(scope["emb"])
     assert "embeddings" in capsys.readouterr().out
+
+
+def test_readme_explore_example_and_the_explorer_on_a_demo_run(demo_run, capsys):
+    """The README's "Explore a run" block as written (its file names swapped for the run's), and the explorer's
+    top-k on a trained run equal to the saved index's search."""
+    import re
+    from pathlib import Path
+
+    from dml_ray.io.run import open_run
+    from dml_ray.serve.explorer import Explorer
+
+    cfg, _ = demo_run
+    run = open_run(cfg.output_root)
+    uris = run.read("images", columns=["uri"]).column("uri").to_pylist()[:2]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme.split("## Explore a run", 1)[1], re.S).group(1)
+    code = (code.replace('"demo_out/runs/demo/model/model.pt"', repr(run.path("model", "model.pt")))
+            .replace('"demo_out"', repr(cfg.output_root)).replace('"a.jpg"', repr(uris[0]))
+            .replace('"b.jpg"', repr(uris[1])))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own code
+    assert scope["vectors"].shape == (2, cfg.model.embedding_dim)
+    assert "score" in capsys.readouterr().out
+    explorer = Explorer(run)
+    first = explorer.ids[0]
+    hits = explorer.topk(first, 5)
+    ranked = run.search(explorer.embeddings[:1].numpy(), k=6).column("image_id").to_pylist()
+    assert [h["image_id"] for h in hits] == [i for i in ranked if i != first][:5]
+    maps = explorer.pair_maps(first, hits[0]["image_id"])  # the demo stores feature maps
+    assert set(explorer.methods) == set(cfg.explain.methods) and set(explorer.methods) <= set(maps)
+    assert float(maps["cosine"]) == pytest.approx(hits[0]["score"], abs=1e-4)

@@ -55,6 +55,8 @@ class Run:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_fs"] = None  # re-resolved on first use in the process that unpickles it
+        state.pop("_index", None)  # the search index and model are reloaded where needed
+        state.pop("_embedder", None)
         return state
 
     # ---- where things are ----
@@ -235,6 +237,23 @@ class Run:
     def runs(self) -> list[str]:
         """Ids of the output root's runs that have at least one committed table."""
         return list_runs(self.output_root, self.storage_options)
+
+    # ---- search ----
+    def search(self, queries: Any, k: int = 10, rebuild: bool = False) -> pa.Table:
+        """Top ``k`` of the run's embeddings for each query: an (n, d) array of vectors, or images (PIL images,
+        paths or URIs, embedded with the run's checkpoint). Columns: query, rank, image_id, label, split, score
+        (cosine similarity, or squared L2 for ``knn.metric: euclidean``). The faiss index is built on first use
+        and saved under ``index/`` (dml_ray/explore/index.py)."""
+        from dml_ray.explore.index import is_vectors, run_checkpoint, run_index
+        from dml_ray.explore.model import load_model
+
+        if rebuild or getattr(self, "_index", None) is None:
+            self._index = run_index(self, rebuild=rebuild)
+        if not is_vectors(queries):
+            if getattr(self, "_embedder", None) is None:
+                self._embedder = load_model(run_checkpoint(self), self.storage_options)
+            queries = self._embedder.embed(queries)
+        return self._index.search(queries, k)
 
     def exists_run(self) -> bool:
         """Whether the run has a manifest or at least one committed table."""
