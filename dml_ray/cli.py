@@ -241,14 +241,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipelines.compare import HEADER, write_comparison
-
     from dml_ray.io.run import open_run
+    from pipelines.compare import HEADER, write_comparison
     from pipelines.tune import sweep_trials
 
+    named = [validate_run_id(run_id) for run_id in args.runs]  # every id is a name before any is opened
     runs = []
-    for run_id in args.runs:  # a sweep's id stands for its trials
-        runs += sweep_trials(open_run(args.root, validate_run_id(run_id))) or [run_id]
+    for run_id in named:  # a sweep's id stands for its trials
+        runs += sweep_trials(open_run(args.root, run_id)) or [run_id]
     uri, rows = write_comparison(args.root, runs)
     widths = [max(len(h), 10) for h in HEADER]
     print("  ".join(h.rjust(w) for h, w in zip(HEADER, widths)))

@@ -207,7 +207,9 @@ def test_shipped_job_configs_are_valid():
 
 def test_driver_killed_mid_run_resumes_without_duplicates(ray_session, setup, tmp_path):
     out = str(tmp_path / "out")
-    args = ["--config", setup["config"], "--run-id", "crash", "--set", f"output_root={out}"]
+    # embed on Ray Data (not the in-process fast path, which would finish before the kill)
+    args = ["--config", setup["config"], "--run-id", "crash", "--set", f"output_root={out}",
+            "--set", "embed.in_process_below=0"]
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)

@@ -96,7 +96,8 @@ def test_a_node_removed_mid_embed_still_embeds_every_image_once(two_worker_nodes
     setup = write_nightly_setup(tmp_path / "nightly.yaml", str(tmp_path / "data"), str(tmp_path / "out"))
     images = read_images("cub", setup["data"])
     outcome = _remove_node_when(two_worker_nodes, _node_of_an_embedding_actor)
-    cfg = EmbedConfig(batch_size=2, concurrency=2, max_error_fraction=0.1, incremental=False)
+    cfg = EmbedConfig(batch_size=2, concurrency=2, max_error_fraction=0.1, incremental=False,
+                      in_process_below=0)  # on Ray Data's actors, which the removed node hosts
     data = DataConfig(kind="cub", root=setup["data"], resize=SIZE, image_size=SIZE)
     checkpoint = os.path.join(setup["data"], "model.pt")
     result = run_embed(images, checkpoint, open_run(setup["out"], "lost-node", create=True), data, cfg)

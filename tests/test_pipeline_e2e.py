@@ -263,6 +263,7 @@ def test_readme_python_example_runs_on_a_demo_run(demo_run, capsys):
     section = readme.split("## Use a run from Python", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     scope: dict = {}
+    code = code.replace('open_run("demo_out")', f'open_run({cfg.output_root!r}, "t")')  # other tests add runs
     exec(code.replace('"demo_out"', repr(cfg.output_root)), scope)  # noqa: S102 - the README's own code
     assert len(scope["emb"]) == summary.stages["embed"]["rows"]
     assert set(scope["test"].column("split").to_pylist()) == {"test"}
@@ -280,12 +281,12 @@ def test_readme_explore_example_and_the_explorer_on_a_demo_run(demo_run, capsys)
     from dml_ray.serve.explorer import Explorer
 
     cfg, _ = demo_run
-    run = open_run(cfg.output_root)
+    run = open_run(cfg.output_root, "t")  # not latest: other tests of this module add runs
     uris = run.read("images", columns=["uri"]).column("uri").to_pylist()[:2]
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme.split("## Explore a run", 1)[1], re.S).group(1)
     code = (code.replace('"demo_out/runs/demo/model/model.pt"', repr(run.path("model", "model.pt")))
-            .replace('"demo_out"', repr(cfg.output_root)).replace('"a.jpg"', repr(uris[0]))
+            .replace('open_run("demo_out")', f'open_run({cfg.output_root!r}, "t")').replace('"a.jpg"', repr(uris[0]))
             .replace('"b.jpg"', repr(uris[1])))
     scope: dict = {}
     exec(code, scope)  # noqa: S102 - the README's own code
