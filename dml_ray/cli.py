@@ -12,8 +12,9 @@ from typing import Any, Optional, get_args
 import yaml
 
 from dml_ray.config import ConfigError, Stage, StorageConfig, check_scheme, load_config, validate_run_id
+from dml_ray.console import setup_console
 from dml_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NAMES, EXIT_RETRY, exit_code, one_line
-from dml_ray.io.run import storage_options_of
+from dml_ray.io.run import open_run, storage_options_of
 
 DEFAULT_PAIR_METHODS = "decomposition,decomposition_bias,distcam,gradcam,gradcam_nonorm,rgradcam"
 
@@ -35,13 +36,18 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _print_metrics(summary) -> None:
+def _print_metrics(summary, mpn=None) -> None:
+    """The evaluate stage's metrics; with ``mpn`` (the mpn stage's metrics table) its values in a column beside."""
     if summary.metrics is None:
         return
-    print(f"\n{'split':<16}{'metric':<28}{'k':>6}{'value':>10}")
+    refined = {} if mpn is None else {(r["split"], r["metric"], r["k"]): r["value"] for r in mpn.to_pylist()}
+    extra = f"{'mpn':>10}" if refined else ""
+    print(f"\n{'split':<16}{'metric':<28}{'k':>6}{'value':>10}{extra}")
     for row in summary.metrics.to_pylist():
         k = "" if row["k"] is None else row["k"]
-        print(f"{row['split']:<16}{row['metric']:<28}{k!s:>6}{row['value']:>10.4f}")
+        other = refined.get((row["split"], row["metric"], row["k"]))
+        cell = "" if not refined else f"{'-':>10}" if other is None else f"{other:>10.4f}"
+        print(f"{row['split']:<16}{row['metric']:<28}{k!s:>6}{row['value']:>10.4f}{cell}")
 
 
 def _run(config_path: str, overrides: dict[str, Any]) -> int:
@@ -49,7 +55,8 @@ def _run(config_path: str, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(config_path, overrides)
     summary = run_pipeline(cfg)
-    _print_metrics(summary)
+    run = open_run(cfg.output_root, summary.run_id, cfg.storage)
+    _print_metrics(summary, run.read("metrics", "mpn") if run.committed("metrics", "mpn") else None)
     print(f"\nrun {summary.run_id}: ran {summary.ran or 'nothing'}, skipped {summary.skipped or 'nothing'}")
     print(f"outputs: {summary.run_uri}")
     if summary.figure:
@@ -182,7 +189,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dml_ray.io.run import open_run
     from pipelines.report import write_report
 
     print(f"report: {write_report(open_run(args.root, args.run))}")
@@ -192,7 +198,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.compare import HEADER, write_comparison
 
-    from dml_ray.io.run import open_run
     from pipelines.tune import sweep_trials
 
     runs = []
@@ -210,7 +215,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dml-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own lines on the console (they always go to the run's "
+                             "logs/run.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> embed -> evaluate, end to end")
@@ -290,8 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console(args.verbose)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
+from dml_ray import console
 from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes, rows_ok
 from dml_ray.data.content_hash import add_content_hash
@@ -67,6 +68,7 @@ class HashedEmbedder(Embedder):
             open(self.crash_once, "w").close()
             os._exit(1)
         hashes = [h if isinstance(h, str) else None for h in batch["content_hash"]]
+        console.advance("embed", len(hashes))
         return super().__call__(batch).append_column("content_hash", pa.array(hashes, pa.string()))
 
 
@@ -152,6 +154,7 @@ def run_embed(images: pa.Table, checkpoint_uri: str, output_root: str, run_id: s
     status = pa.schema(_STATUS_COLUMNS).empty_table()
     try:
         if todo.num_rows:
+            console.expect("embed", todo.num_rows)
             embed_dataset(todo, checkpoint_uri, run_id, data, cfg, num_threads, crash_once, so).write_parquet(
                 raw_path, filesystem=fs)
             status = pads.dataset(raw_path, filesystem=fs, format="parquet").to_table(columns=list(_STATUS_COLUMNS))

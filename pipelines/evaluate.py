@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from dml_ray import console
 from dml_ray.config import DeMLConfig, EvaluateConfig
 from dml_ray.io.schemas import METRICS_SCHEMA, embedding_type
 from dml_ray.metrics.learners import learner_blocks, learner_similarity, scale_embeddings
@@ -31,7 +32,9 @@ def _search_shard(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, bl
     import faiss
 
     faiss.omp_set_num_threads(num_threads)
-    return neighbor_labels_for(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, block_size)
+    labels = neighbor_labels_for(query_emb, query_ids, db_emb, db_labels, db_ids, k, metric, block_size)
+    console.advance("evaluate", len(query_emb))
+    return labels
 
 
 def evaluation_pairs(splits: list[str]) -> list[tuple[str, str, str]]:
@@ -58,6 +61,7 @@ def evaluate_split(query: pa.Table, db: pa.Table, ks: list[int], cfg: EvaluateCo
     width = search_width(ks, n_relevant)
     refs = [ray.put(x) for x in (d_emb, d_labels, d_ids)]
     bounds = np.linspace(0, len(q_emb), min(cfg.query_shards, len(q_emb)) + 1).astype(int)
+    console.expect("evaluate", len(q_emb))
     futures = [_search_shard.remote(q_emb[a:b], q_ids[a:b], *refs, width, cfg.metric, cfg.block_size, num_threads)
                for a, b in zip(bounds, bounds[1:]) if b > a]
     neighbor_labels = np.concatenate(ray.get(futures))

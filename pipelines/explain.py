@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from dml_ray import console
 from dml_ray.config import DataConfig, ExplainConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes
 from dml_ray.data.transforms import decode_image, display_view
@@ -144,6 +145,7 @@ class MapMaker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch_ids = batch.column("image_id").combine_chunks()
+        console.advance("explain", batch.num_rows)
         refs = self.references.filter(pc.is_in(self.ref_ids, value_set=batch_ids))
         if refs.num_rows == 0:
             return ACTIVATION_MAPS_SCHEMA.empty_table()
@@ -251,6 +253,7 @@ def run_explain(checkpoint_uri: str, output_root: str, run_id: str, cfg: Explain
     references = build_references(embeddings, features, prototypes, splits, cfg.references)
     fs, _ = pyarrow_fs(fm_uri, so)
     ds = ray.data.read_parquet(committed_files(fm_uri, so), filesystem=fs)
+    console.expect("explain", features.num_rows)
     ds = ds.map_batches(
         MapMaker, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "references": references,
                                          "methods": list(cfg.methods), "run_id": run_id,

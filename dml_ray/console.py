@@ -1,0 +1,338 @@
+"""The console of a run: our stage lines and progress on the terminal, everything else in the run's log file.
+
+The CLI and the jobs call ``setup_console(verbose)`` once. Every log record then goes to the run's log file
+(``runs/<id>/logs/run.log``, attached by ``run_log(run)`` for the duration of a run; the records before it
+are buffered and written first); the console shows the stage runner's lines (one per stage start and end),
+the progress line, warnings of our code and errors of any, or everything with ``verbose`` (``ConsoleFilter``).
+
+Ray's lines reach this process in two ways, and both become log records:
+
+* the driver's own Ray loggers (``ray``, ``ray.data``, ``ray.train``, ``ray.tune``) have their console
+  handlers removed and propagate to ours (``quiet_ray_loggers``);
+* the output of workers, which Ray forwards to the driver (``ray.init(log_to_driver=True)``), is routed by
+  ``route_worker_output`` to the ``ray.worker`` logger instead of being printed. Lines carrying ``MARKER``
+  are progress messages from our own code in a worker (``advance``, ``counted``) and drive the progress line.
+
+Progress: ``expect(stage, rows)`` (driver) announces work, ``advance(stage, rows)`` (driver or worker) counts
+it. On a terminal one line is redrawn in place (rows, rows/s, ETA); elsewhere (cron, ``ray job submit``)
+a log line is written every ``NON_TTY_INTERVAL_S`` seconds.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Iterable, Iterator, Optional, TypeVar
+
+log = logging.getLogger(__name__)
+
+MARKER = "@dml_ray.progress "
+OWN_LOGGERS = ("dml_ray", "pipelines", "jobs", "__main__")
+CONSOLE_LOGGERS = ("dml_ray", "dml_ray.progress", "pipelines.run", "pipelines.ray_env", "pipelines.tune")
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+WORKER_LOGGER = "ray.worker"
+LOG_FILE = ("logs", "run.log")
+NON_TTY_INTERVAL_S = 10.0
+TTY_INTERVAL_S = 0.2
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HOOK = "dml_ray_console"
+
+T = TypeVar("T")
+
+
+class ConsoleFilter(logging.Filter):
+    """The console's records: INFO of the stage runner, the progress line and the commands (``CONSOLE_LOGGERS``),
+    warnings of the rest of our code, errors of everything else; all of them when verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose:
+            return True
+        if record.name in CONSOLE_LOGGERS or record.name.split(".", 1)[0] in ("jobs", "__main__"):
+            return record.levelno >= logging.INFO
+        own = record.name.split(".", 1)[0] in OWN_LOGGERS
+        return record.levelno >= (logging.WARNING if own else logging.ERROR)
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A stream handler that clears the progress line before it writes a record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _state.progress is not None:
+            _state.progress.clear()
+        super().emit(record)
+
+
+class _Buffer(logging.Handler):
+    """The records before a run's log file is open (the last ``capacity``), replayed into it."""
+
+    def __init__(self, capacity: int = 5000) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: collections.deque = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass
+class _Bar:
+    stage: str
+    unit: str = "rows"
+    total: int = 0
+    done: int = 0
+    label: str = ""
+    start: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = self.done / elapsed
+        head = f"{self.stage}: {self.label + ' ' if self.label else ''}{self.done}"
+        if not self.total:
+            return f"{head} {self.unit}, {rate:.1f} {self.unit}/s"
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        eta_text = "?" if eta is None else f"{eta:.0f} s"
+        return (f"{head}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), {rate:.1f} {self.unit}/s, "
+                f"ETA {eta_text}")
+
+
+class Progress:
+    """The driver's progress line: redrawn in place on a terminal, else a log line every ``interval`` seconds."""
+
+    def __init__(self, stream: IO[str], tty: bool, interval: Optional[float] = None) -> None:
+        self.stream, self.tty = stream, tty
+        self.interval = interval if interval is not None else (TTY_INTERVAL_S if tty else NON_TTY_INTERVAL_S)
+        self.bars: dict[str, _Bar] = {}
+        self.shown = False
+        self.last = float("-inf")  # the first update of a stage is shown at once
+        self.lock = threading.RLock()
+
+    def expect(self, stage: str, rows: int, unit: str = "rows") -> None:
+        with self.lock:
+            bar = self.bars.setdefault(stage, _Bar(stage, unit))
+            bar.total += rows
+
+    def advance(self, stage: str, rows: int = 0, at: Optional[int] = None, total: Optional[int] = None,
+                label: Optional[str] = None, unit: str = "rows") -> None:
+        with self.lock:
+            bar = self.bars.get(stage)
+            if bar is None or (label is not None and label != bar.label):
+                if bar is None and total is None:
+                    return  # a late message of a finished stage
+                bar = self.bars[stage] = _Bar(stage, unit, label=label or "")
+            if total is not None:
+                bar.total = total
+            bar.done = at if at is not None else bar.done + rows
+            self._show(bar)
+
+    def _show(self, bar: _Bar) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and not (bar.total and bar.done >= bar.total and self.tty):
+            return
+        self.last = now
+        if self.tty:
+            self.stream.write("\r\033[K" + bar.line())
+            self.stream.flush()
+            self.shown = True
+        else:
+            logging.getLogger("dml_ray.progress").info("%s", bar.line())
+
+    def clear(self) -> None:
+        with self.lock:
+            if self.shown:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+                self.shown = False
+
+    def finish(self) -> None:
+        """End every bar (a stage ended): the progress line is cleared, the next stage starts afresh."""
+        with self.lock:
+            self.clear()
+            self.bars.clear()
+            self.last = float("-inf")
+
+
+@dataclass
+class _State:
+    verbose: bool = False
+    progress: Optional[Progress] = None
+    buffer: Optional[_Buffer] = None
+
+
+_state = _State()
+
+
+def setup_console(verbose: bool = False, stream: Optional[IO[str]] = None) -> None:
+    """Logging of the CLI and the jobs: the filtered console on ``stream`` (stderr), records buffered for the run
+    log, Ray's driver loggers routed through ours, and the progress line."""
+    stream = stream or sys.stderr
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console = _ConsoleHandler(stream)
+    console.addFilter(ConsoleFilter(verbose))
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s" if not verbose else FILE_FORMAT, "%H:%M:%S"))
+    root.addHandler(console)
+    _state.buffer = _Buffer()
+    root.addHandler(_state.buffer)
+    _state.verbose = verbose
+    _state.progress = Progress(stream, tty=stream.isatty())
+    quiet_ray_loggers()
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's driver-side loggers print on their own handlers and do not propagate (ray/_private/log.py,
+    ray/data/_internal/logging.py): drop their console handlers (their session-log files stay) and let the
+    records propagate to the console filter and the run log."""
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def route_worker_output() -> None:
+    """Worker output forwarded by Ray goes to the ``ray.worker`` logger (the run log; the console with
+    ``--verbose``) instead of Ray's printer; progress messages (``MARKER``) drive the progress line.
+
+    Ray has no public hook for the driver's printing of worker output: this replaces the handler ``ray.init``
+    registers on ``global_worker_stdstream_dispatcher`` (the printer, with its deduplication, named
+    ``ray_print_logs``) by ours. A no-op unless ``setup_console`` ran (library use keeps Ray's printer)."""
+    if _state.progress is None:
+        return
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler(_HOOK)
+    dispatcher.add_handler(_HOOK, _worker_lines)
+    quiet_ray_loggers()
+
+
+def ray_progress_bars() -> bool:
+    """Whether Ray Data should draw its own progress bars: only with ``--verbose`` (or without our console)."""
+    return _state.progress is None or _state.verbose
+
+
+def _worker_lines(data: dict) -> None:
+    worker = logging.getLogger(WORKER_LOGGER)
+    who = data.get("actor_name") or data.get("task_name") or ""
+    for line in data.get("lines", []):
+        if MARKER in line:
+            try:
+                message = json.loads(line.split(MARKER, 1)[1])
+            except ValueError:
+                worker.info("(%s pid=%s) %s", who, data.get("pid"), line)
+                continue
+            advance(**message)
+        else:
+            worker.info("(%s pid=%s) %s", who, data.get("pid"), line)
+
+
+@contextlib.contextmanager
+def run_log(run) -> Iterator[Optional[str]]:  # run: dml_ray.io.run.Run (not imported: no cycle)
+    """Append every log record to the run's ``logs/run.log`` while the block runs (the records buffered since
+    ``setup_console`` first). A remote output root gets the file at the end. Yields the log's URI, or None
+    when ``setup_console`` did not run (library use: the caller's logging is left alone)."""
+    if _state.buffer is None:
+        yield None
+        return
+    uri = run.path(*LOG_FILE)
+    from dml_ray.io.fs import is_local
+
+    local = is_local(run.fs)
+    if local:
+        path = run.fs_path(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    else:
+        handle, path = tempfile.mkstemp(prefix="dml_ray_run_", suffix=".log")
+        os.close(handle)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.DEBUG if _state.verbose else logging.INFO)
+    handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    root = logging.getLogger()
+    for record in _state.buffer.records:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+    _state.buffer.records.clear()
+    root.addHandler(handler)
+    try:
+        yield uri
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        if not local:
+            with open(path, "rb") as f:
+                ours = f.read()
+            run.write_bytes(uri, (run.read_bytes(uri) or b"") + ours)
+            os.remove(path)
+
+
+def expect(stage: str, rows: int, unit: str = "rows") -> None:
+    """Announce ``rows`` more rows of work for ``stage``'s progress line (in the driver)."""
+    if _state.progress is not None:
+        _state.progress.expect(stage, int(rows), unit)
+
+
+def advance(stage: str, rows: int = 0, at: Optional[int] = None, total: Optional[int] = None,
+            label: Optional[str] = None, unit: str = "rows") -> None:
+    """Count ``rows`` done for ``stage`` (or set the position ``at`` of ``total``, under ``label``).
+
+    In the driver it updates the progress line; in a Ray worker it writes a ``MARKER`` line to stdout,
+    which Ray forwards to the driver (``route_worker_output``)."""
+    if _state.progress is not None:
+        _state.progress.advance(stage, int(rows), at, total, label, unit)
+    elif _in_ray_worker():
+        message = {k: v for k, v in {"stage": stage, "rows": int(rows), "at": at, "total": total, "label": label,
+                                     "unit": unit}.items() if v is not None}
+        _worker_logger().info("%s%s", MARKER, json.dumps(message))
+
+
+def counted(items: Iterable[T], stage: str, total: Optional[int] = None, label: Optional[str] = None,
+            unit: str = "steps", every_s: float = 1.0) -> Iterator[T]:
+    """``items``, reporting the position in them to ``stage``'s progress line at most every ``every_s`` seconds
+    and after the last one (training steps within an epoch)."""
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None
+    last, i = time.monotonic(), 0
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.monotonic() - last >= every_s:
+            advance(stage, at=i, total=total, label=label, unit=unit)
+            last = time.monotonic()
+    advance(stage, at=i, total=total, label=label, unit=unit)
+
+
+def finish_progress() -> None:
+    """A stage ended: clear its progress line."""
+    if _state.progress is not None:
+        _state.progress.finish()
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def _worker_logger() -> logging.Logger:
+    """The logger a worker's progress messages go through: plain lines on stdout, which Ray forwards."""
+    logger = logging.getLogger("dml_ray.console.worker")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger

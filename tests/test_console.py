@@ -1,0 +1,129 @@
+"""The console (issue 15 item 5): stage lines and progress on the console, Ray's lines in the run's log file."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import yaml
+
+from dml_ray import console
+from dml_ray.console import MARKER, ConsoleFilter, Progress
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _record(name: str, level: int = logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, "message", None, None)
+
+
+def test_console_filter_shows_our_lines_and_hides_ray_lines_unless_verbose():
+    quiet, verbose = ConsoleFilter(False), ConsoleFilter(True)
+    assert quiet.filter(_record("pipelines.run")) and quiet.filter(_record("jobs"))
+    assert not quiet.filter(_record("dml_ray.io.tables")) and quiet.filter(_record("dml_ray.io.tables", logging.WARNING))
+    assert not quiet.filter(_record("ray.data._internal.execution.streaming_executor"))
+    assert not quiet.filter(_record("ray.worker")) and not quiet.filter(_record("faiss.loader"))
+    assert not quiet.filter(_record("ray.train", logging.WARNING))
+    assert quiet.filter(_record("ray.train", logging.ERROR))
+    assert not quiet.filter(_record("pipelines.run", logging.DEBUG))
+    assert all(verbose.filter(_record(n)) for n in ("ray.worker", "faiss.loader", "ray.data"))
+
+
+def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta():
+    stream = io.StringIO()
+    progress = Progress(stream, tty=True, interval=0.0)
+    progress.expect("embed", 40)
+    progress.expect("embed", 60)
+    progress.advance("embed", 25)
+    progress.advance("embed", 25)
+    text = stream.getvalue()
+    assert "\n" not in text and text.count("\r\033[K") == 2
+    assert re.search(r"embed: 50/100 rows \(50%\), [\d.]+ rows/s, ETA \d+ s$", text)
+    progress.finish()
+    assert stream.getvalue().endswith("\r\033[K") and not progress.bars
+    progress.advance("embed", 5)  # a late message of the finished stage draws nothing
+    assert not progress.bars
+
+
+def test_progress_elsewhere_is_a_log_line_at_most_every_interval(caplog):
+    progress = Progress(io.StringIO(), tty=False, interval=3600.0)
+    with caplog.at_level(logging.INFO, logger="dml_ray.progress"):
+        for i in range(1, 11):
+            progress.advance("train", at=i, total=10, label="epoch 1/2", unit="steps")
+        progress.advance("train", at=1, total=10, label="epoch 2/2", unit="steps")
+    lines = [r.getMessage() for r in caplog.records if r.name == "dml_ray.progress"]
+    assert len(lines) == 1 and lines[0].startswith("train: epoch 1/2 1/10 steps (10%)")
+    assert progress.bars["train"].label == "epoch 2/2" and progress.bars["train"].done == 1
+    progress.finish()
+    with caplog.at_level(logging.INFO, logger="dml_ray.progress"):
+        progress.advance("evaluate", at=3, total=4)
+    assert caplog.records[-1].getMessage().startswith("evaluate: 3/4 rows (75%)")
+
+
+def test_worker_lines_go_to_the_log_and_progress_messages_to_the_progress_line(caplog, monkeypatch):
+    progress = Progress(io.StringIO(), tty=True, interval=0.0)
+    monkeypatch.setattr(console._state, "progress", progress)
+    progress.expect("embed", 10)
+    message = MARKER + json.dumps({"stage": "embed", "rows": 4, "unit": "rows"})
+    with caplog.at_level(logging.INFO, logger="ray.worker"):
+        console._worker_lines({"pid": 7, "actor_name": "MapWorker(HashedEmbedder)", "is_err": False,
+                               "lines": ["Requesting resources: {'CPU': 1} * 2", message]})
+    worker = [r.getMessage() for r in caplog.records if r.name == "ray.worker"]
+    assert worker == ["(MapWorker(HashedEmbedder) pid=7) Requesting resources: {'CPU': 1} * 2"]
+    assert progress.bars["embed"].done == 4
+
+
+def test_counted_reports_the_last_position_of_each_pass(monkeypatch):
+    calls = []
+    monkeypatch.setattr(console, "advance", lambda stage, **kw: calls.append((stage, kw)))
+    assert list(console.counted([10, 20, 30], "train", label="epoch 1/1", every_s=3600.0)) == [10, 20, 30]
+    assert calls == [("train", {"at": 3, "total": 3, "label": "epoch 1/1", "unit": "steps"})]
+
+
+def _cli(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "dml_ray.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_demo_console_is_short_and_the_run_log_holds_ray_lines(tmp_path):
+    """A demo-like run through the CLI (not a terminal): at most ~40 console lines, one per stage start and end,
+    training steps and embedding rows as progress lines; Ray's and Train's lines in runs/<id>/logs/run.log only;
+    ``--verbose`` shows them on the console."""
+    from tests.conftest import demo_like_config
+
+    cfg = demo_like_config(str(tmp_path / "out"), run_id="quiet")
+    cfg.data.synthetic.n_classes, cfg.data.synthetic.images_per_class, cfg.data.synthetic.image_size = 8, 6, 40
+    cfg.data.resize, cfg.data.image_size, cfg.model.embedding_dim = 32, 32, 16
+    cfg.train.epochs, cfg.train.classes_per_batch, cfg.train.samples_per_class = 2, 2, 2
+    cfg.knn.k1, cfg.knn.batch_size, cfg.embed.batch_size = 5, 6, 16
+    cfg.explain.methods, cfg.explain.splits, cfg.localize.threshold_interval = ["gradcam"], ["test"], 0.1
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage": {"options"}})))
+
+    quiet = _cli(["run", "--config", str(config)], str(tmp_path))
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    err = quiet.stderr
+    for stage in cfg.stages:
+        assert re.search(rf"stage {stage}: (running|.*skipped|nothing to refine)", err), stage
+    assert re.search(r"train: epoch 1/2 \d+/\d+ steps", err) and re.search(r"embed: \d+/\d+ rows", err)
+    for internal in ("faiss.loader", "TrainController", "pid=", "Execution plan", "ray.data"):
+        assert internal not in err, internal
+    log_text = (tmp_path / "out" / "runs" / "quiet" / "logs" / "run.log").read_text()
+    assert "faiss.loader" in log_text and "ray.worker: (" in log_text and "stage localize: done" in log_text
+    assert "TrainController" in log_text or "RayTrainWorker" in log_text
+
+    # --verbose: a second run embeds with the first run's model; Ray Data's driver lines reach the console
+    model = tmp_path / "out" / "runs" / "quiet" / "model" / "model.pt"
+    verbose = _cli(["--verbose", "run", "--config", str(config), "--run-id", "loud", "--stages", "data,embed",
+                    "--set", f"model.weights={model}"], str(tmp_path))
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "faiss.loader" in verbose.stderr and " ray.data" in verbose.stderr
+    assert "ray.data" in (tmp_path / "out" / "runs" / "loud" / "logs" / "run.log").read_text()
