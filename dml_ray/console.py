@@ -122,13 +122,15 @@ class Progress:
             bar.total += rows
 
     def advance(self, stage: str, rows: int = 0, at: Optional[int] = None, total: Optional[int] = None,
-                label: Optional[str] = None, unit: str = "rows") -> None:
+                label: Optional[str] = None, unit: str = "rows", elapsed: Optional[float] = None) -> None:
         with self.lock:
             bar = self.bars.get(stage)
             if bar is None or (label is not None and label != bar.label):
                 if bar is None and total is None:
                     return  # a late message of a finished stage
                 bar = self.bars[stage] = _Bar(stage, unit, label=label or "")
+            if elapsed is not None:  # the sender's clock: its pass began ``elapsed`` seconds ago
+                bar.start = time.monotonic() - elapsed
             if total is not None:
                 bar.total = total
             bar.done = at if at is not None else bar.done + rows
@@ -285,16 +287,17 @@ def expect(stage: str, rows: int, unit: str = "rows") -> None:
 
 
 def advance(stage: str, rows: int = 0, at: Optional[int] = None, total: Optional[int] = None,
-            label: Optional[str] = None, unit: str = "rows") -> None:
-    """Count ``rows`` done for ``stage`` (or set the position ``at`` of ``total``, under ``label``).
+            label: Optional[str] = None, unit: str = "rows", elapsed: Optional[float] = None) -> None:
+    """Count ``rows`` done for ``stage`` (or set the position ``at`` of ``total``, under ``label``, reached
+    ``elapsed`` seconds after the pass began).
 
     In the driver it updates the progress line; in a Ray worker it writes a ``MARKER`` line to stdout,
     which Ray forwards to the driver (``route_worker_output``)."""
     if _state.progress is not None:
-        _state.progress.advance(stage, int(rows), at, total, label, unit)
+        _state.progress.advance(stage, int(rows), at, total, label, unit, elapsed)
     elif _in_ray_worker():
         message = {k: v for k, v in {"stage": stage, "rows": int(rows), "at": at, "total": total, "label": label,
-                                     "unit": unit}.items() if v is not None}
+                                     "unit": unit, "elapsed": elapsed}.items() if v is not None}
         _worker_logger().info("%s%s", MARKER, json.dumps(message))
 
 
@@ -304,13 +307,14 @@ def counted(items: Iterable[T], stage: str, total: Optional[int] = None, label: 
     and after the last one (training steps within an epoch)."""
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None
-    last, i = time.monotonic(), 0
+    start = last = time.monotonic()
+    i = 0
     for i, item in enumerate(items, 1):
         yield item
         if time.monotonic() - last >= every_s:
-            advance(stage, at=i, total=total, label=label, unit=unit)
             last = time.monotonic()
-    advance(stage, at=i, total=total, label=label, unit=unit)
+            advance(stage, at=i, total=total, label=label, unit=unit, elapsed=round(last - start, 3))
+    advance(stage, at=i, total=total, label=label, unit=unit, elapsed=round(time.monotonic() - start, 3))
 
 
 def finish_progress() -> None:

@@ -58,6 +58,8 @@ def test_progress_elsewhere_is_a_log_line_at_most_every_interval(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "dml_ray.progress"]
     assert len(lines) == 1 and lines[0].startswith("train: epoch 1/2 1/10 steps (10%)")
     assert progress.bars["train"].label == "epoch 2/2" and progress.bars["train"].done == 1
+    progress.advance("train", at=4, total=10, label="epoch 2/2", unit="steps", elapsed=2.0)  # the sender's clock
+    assert progress.bars["train"].line().startswith("train: epoch 2/2 4/10 steps (40%), 2.0 steps/s, ETA 3 s")
     progress.finish()
     with caplog.at_level(logging.INFO, logger="dml_ray.progress"):
         progress.advance("evaluate", at=3, total=4)
@@ -81,6 +83,7 @@ def test_counted_reports_the_last_position_of_each_pass(monkeypatch):
     calls = []
     monkeypatch.setattr(console, "advance", lambda stage, **kw: calls.append((stage, kw)))
     assert list(console.counted([10, 20, 30], "train", label="epoch 1/1", every_s=3600.0)) == [10, 20, 30]
+    assert len(calls) == 1 and calls[0][1].pop("elapsed") >= 0
     assert calls == [("train", {"at": 3, "total": 3, "label": "epoch 1/1", "unit": "steps"})]
 
 
