@@ -12,7 +12,7 @@ from typing import Any, Optional, get_args
 import yaml
 
 from dml_ray.config import ConfigError, Stage, StorageConfig, check_scheme, load_config, validate_run_id
-from dml_ray.console import setup_console
+from dml_ray.console import reset_console, setup_console
 from dml_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NAMES, EXIT_RETRY, exit_code, one_line
 from dml_ray.io.run import open_run, storage_options_of
 
@@ -37,17 +37,26 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 
 def _print_metrics(summary, mpn=None) -> None:
-    """The evaluate stage's metrics; with ``mpn`` (the mpn stage's metrics table) its values in a column beside."""
+    """The evaluate stage's metrics, one column per split; with ``mpn`` (the mpn stage's metrics) the refined
+    embeddings' values in a column beside each split's (``test+mpn``)."""
     if summary.metrics is None:
         return
-    refined = {} if mpn is None else {(r["split"], r["metric"], r["k"]): r["value"] for r in mpn.to_pylist()}
-    extra = f"{'mpn':>10}" if refined else ""
-    print(f"\n{'split':<16}{'metric':<28}{'k':>6}{'value':>10}{extra}")
-    for row in summary.metrics.to_pylist():
-        k = "" if row["k"] is None else row["k"]
-        other = refined.get((row["split"], row["metric"], row["k"]))
-        cell = "" if not refined else f"{'-':>10}" if other is None else f"{other:>10.4f}"
-        print(f"{row['split']:<16}{row['metric']:<28}{k!s:>6}{row['value']:>10.4f}{cell}")
+    tables = [("", summary.metrics.to_pylist())] + ([("+mpn", mpn.to_pylist())] if mpn is not None else [])
+    values: dict[tuple, dict[str, float]] = {}
+    columns: list[str] = []
+    for suffix, rows in tables:
+        for row in rows:
+            column = row["split"] + suffix
+            if column not in columns:
+                columns.append(column)
+            values.setdefault((row["metric"], row["k"]), {})[column] = row["value"]
+    columns.sort(key=lambda c: (c.split("+")[0] != "test", c))
+    keys = [key for key in values if any(c in values[key] for c in columns if "+" not in c)]
+    print(f"\n{'metric':<28}{'k':>6}" + "".join(f"{c:>12}" for c in columns))
+    for metric, k in keys:
+        cells = "".join(f"{values[(metric, k)][c]:>12.4f}" if c in values[(metric, k)] else f"{'-':>12}"
+                        for c in columns)
+        print(f"{metric:<28}{'' if k is None else k!s:>6}{cells}")
 
 
 def _run(config_path: str, overrides: dict[str, Any]) -> int:
@@ -315,6 +324,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             hint = " (--verbose shows the traceback)" if code == EXIT_RETRY and not args.verbose else ""
             print(f"dml-ray: {EXIT_NAMES[code]} (exit {code}): {line}{hint}", file=sys.stderr)
         return code
+    finally:
+        reset_console()
 
 
 if __name__ == "__main__":

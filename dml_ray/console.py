@@ -113,7 +113,7 @@ class Progress:
         self.interval = interval if interval is not None else (TTY_INTERVAL_S if tty else NON_TTY_INTERVAL_S)
         self.bars: dict[str, _Bar] = {}
         self.shown = False
-        self.last = float("-inf")  # the first update of a stage is shown at once
+        self.last = float("-inf")
         self.lock = threading.RLock()
 
     def expect(self, stage: str, rows: int, unit: str = "rows") -> None:
@@ -138,7 +138,10 @@ class Progress:
 
     def _show(self, bar: _Bar) -> None:
         now = time.monotonic()
-        if now - self.last < self.interval and not (bar.total and bar.done >= bar.total and self.tty):
+        if self.tty:
+            if now - self.last < self.interval and not (bar.total and bar.done >= bar.total):
+                return
+        elif now - max(self.last, bar.start) < self.interval:  # a stage shorter than the interval prints nothing
             return
         self.last = now
         if self.tty:
@@ -177,9 +180,8 @@ def setup_console(verbose: bool = False, stream: Optional[IO[str]] = None) -> No
     """Logging of the CLI and the jobs: the filtered console on ``stream`` (stderr), records buffered for the run
     log, Ray's driver loggers routed through ours, and the progress line."""
     stream = stream or sys.stderr
+    reset_console()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = _ConsoleHandler(stream)
     console.addFilter(ConsoleFilter(verbose))
@@ -187,9 +189,22 @@ def setup_console(verbose: bool = False, stream: Optional[IO[str]] = None) -> No
     root.addHandler(console)
     _state.buffer = _Buffer()
     root.addHandler(_state.buffer)
+    logging.captureWarnings(True)  # Python warnings (py.warnings) to the run log, on the console with verbose
     _state.verbose = verbose
     _state.progress = Progress(stream, tty=stream.isatty())
     quiet_ray_loggers()
+
+
+def reset_console() -> None:
+    """Undo ``setup_console`` (the end of an in-process ``main()``): our handlers removed, no progress line. Worker
+    output stays routed to the ``ray.worker`` logger while this process is connected to Ray."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, (_ConsoleHandler, _Buffer)):
+            root.removeHandler(handler)
+    if _state.progress is not None:
+        _state.progress.clear()
+    _state.progress = _state.buffer = None
 
 
 def quiet_ray_loggers() -> None:

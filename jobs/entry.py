@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import dml_ray
 from dml_ray.cli import parse_sets
 from dml_ray.config import RunConfig, load_config
-from dml_ray.console import setup_console
+from dml_ray.console import reset_console, setup_console
 from dml_ray.errors import EXIT_NAMES, EXIT_OK, EXIT_RETRY, exit_code, one_line
 
 log = logging.getLogger("jobs")
@@ -98,6 +98,8 @@ def job_main(name: str, description: str, only: Optional[str] = None,
         print(f"{name}: {EXIT_NAMES[code]} (exit {code}) run_id={run_id} "
               f"seconds={time.perf_counter() - start:.1f}: {message}", flush=True)
         return code
+    finally:
+        reset_console()
     print(_summary_line(name, cfg, summary, time.perf_counter() - start), flush=True)
     return EXIT_OK
 

@@ -5,9 +5,12 @@ import io
 import json
 import logging
 import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -87,46 +90,76 @@ def test_counted_reports_the_last_position_of_each_pass(monkeypatch):
     assert calls == [("train", {"at": 3, "total": 3, "label": "epoch 1/1", "unit": "steps"})]
 
 
-def _cli(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "dml_ray.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return env
+
+
+def _cli_on_a_terminal(args: list[str], cwd: str, timeout_s: float = 900) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on a pseudo-terminal (as a user at a shell sees it): exit code, output."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dml_ray.cli", *args], cwd=cwd, env=_env(),
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    data = b""
+                chunks.append(data)
+                if not data and proc.poll() is not None:
+                    break
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return rc, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
 
 
 def test_demo_console_is_short_and_the_run_log_holds_ray_lines(tmp_path):
-    """A demo-like run through the CLI (not a terminal): at most ~40 console lines, one per stage start and end,
-    training steps and embedding rows as progress lines; Ray's and Train's lines in runs/<id>/logs/run.log only;
-    ``--verbose`` shows them on the console."""
+    """A demo-like run through the CLI on a terminal: at most ~40 console lines, one per stage start and end, the
+    progress line redrawn in place (training steps, embedding rows); Ray's and Train's lines in
+    runs/<id>/logs/run.log only; ``--verbose`` (not a terminal) shows them on the console."""
     from tests.conftest import demo_like_config
 
-    cfg = demo_like_config(str(tmp_path / "out"), run_id="quiet")
-    cfg.data.synthetic.n_classes, cfg.data.synthetic.images_per_class, cfg.data.synthetic.image_size = 8, 6, 40
-    cfg.data.resize, cfg.data.image_size, cfg.model.embedding_dim = 32, 32, 16
-    cfg.train.epochs, cfg.train.classes_per_batch, cfg.train.samples_per_class = 2, 2, 2
-    cfg.knn.k1, cfg.knn.batch_size, cfg.embed.batch_size = 5, 6, 16
-    cfg.explain.methods, cfg.explain.splits, cfg.localize.threshold_interval = ["gradcam"], ["test"], 0.1
+    tiny = {"data.synthetic.n_classes": 8, "data.synthetic.images_per_class": 6, "data.synthetic.image_size": 40,
+            "data.resize": 32, "data.image_size": 32, "model.embedding_dim": 16, "train.epochs": 2,
+            "train.classes_per_batch": 2, "train.samples_per_class": 2, "knn.k1": 5, "knn.batch_size": 6,
+            "embed.batch_size": 16, "explain.methods": ["gradcam"], "explain.splits": ["test"],
+            "localize.threshold_interval": 0.1}
+    cfg = demo_like_config(str(tmp_path / "out"), run_id="quiet", **tiny)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage": {"options"}})))
 
-    quiet = _cli(["run", "--config", str(config)], str(tmp_path))
-    assert quiet.returncode == 0, quiet.stderr[-3000:]
-    lines = (quiet.stdout + quiet.stderr).splitlines()
-    assert len(lines) <= 40, "\n".join(lines)
-    err = quiet.stderr
+    rc, text = _cli_on_a_terminal(["run", "--config", str(config)], str(tmp_path))
+    assert rc == 0, text[-3000:]
+    lines = text.split("\n")
+    assert len(lines) <= 40, text
     for stage in cfg.stages:
-        assert re.search(rf"stage {stage}: (running|.*skipped|nothing to refine)", err), stage
-    assert re.search(r"train: epoch 1/2 \d+/\d+ steps", err) and re.search(r"embed: \d+/\d+ rows", err)
-    for internal in ("faiss.loader", "TrainController", "pid=", "Execution plan", "ray.data"):
-        assert internal not in err, internal
+        assert re.search(rf"stage {stage}: (running|.*skipped|.*nothing to refine)", text), stage
+        assert stage in ("mpn",) or re.search(rf"stage {stage}: done in", text), stage
+    frames = [f for line in lines for f in line.split("\r\033[K")[1:] if f]  # progress redrawn in place
+    assert any(re.match(r"train: epoch [12]/2 \d+/\d+ steps", f) for f in frames), frames
+    assert any(re.match(r"embed: \d+/48 rows \(\d+%\), [\d.]+ rows/s, ETA", f) for f in frames), frames
+    for internal in ("faiss.loader", "TrainController", "RayTrainWorker", "pid=", "Execution plan", "ray.data"):
+        assert internal not in text, internal
     log_text = (tmp_path / "out" / "runs" / "quiet" / "logs" / "run.log").read_text()
-    assert "faiss.loader" in log_text and "ray.worker: (" in log_text and "stage localize: done" in log_text
-    assert "TrainController" in log_text or "RayTrainWorker" in log_text
+    assert "faiss.loader" in log_text and "ray.worker: (RayTrainWorker pid=" in log_text
+    assert "TrainController" in log_text and "stage localize: done" in log_text
 
     # --verbose: a second run embeds with the first run's model; Ray Data's driver lines reach the console
     model = tmp_path / "out" / "runs" / "quiet" / "model" / "model.pt"
-    verbose = _cli(["--verbose", "run", "--config", str(config), "--run-id", "loud", "--stages", "data,embed",
-                    "--set", f"model.weights={model}"], str(tmp_path))
+    verbose = subprocess.run([sys.executable, "-m", "dml_ray.cli", "--verbose", "run", "--config", str(config),
+                              "--run-id", "loud", "--stages", "data,embed", "--set", f"model.weights={model}"],
+                             cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=900)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "faiss.loader" in verbose.stderr and " ray.data" in verbose.stderr
     assert "ray.data" in (tmp_path / "out" / "runs" / "loud" / "logs" / "run.log").read_text()
