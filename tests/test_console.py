@@ -55,17 +55,19 @@ def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta():
 def test_progress_elsewhere_is_a_log_line_at_most_every_interval(caplog):
     progress = Progress(io.StringIO(), tty=False, interval=3600.0)
     with caplog.at_level(logging.INFO, logger="dml_ray.progress"):
-        for i in range(1, 11):
-            progress.advance("train", at=i, total=10, label="epoch 1/2", unit="steps")
-        progress.advance("train", at=1, total=10, label="epoch 2/2", unit="steps")
+        progress.advance("train", at=1, total=10, label="epoch 1/2", unit="steps")  # younger than the interval
+        for i in range(2, 11):  # the sender's pass began two intervals ago
+            progress.advance("train", at=i, total=10, label="epoch 1/2", unit="steps", elapsed=7200.0)
+        progress.advance("train", at=1, total=10, label="epoch 2/2", unit="steps", elapsed=7200.0)
     lines = [r.getMessage() for r in caplog.records if r.name == "dml_ray.progress"]
-    assert len(lines) == 1 and lines[0].startswith("train: epoch 1/2 1/10 steps (10%)")
+    assert len(lines) == 1 and lines[0].startswith("train: epoch 1/2 2/10 steps (20%), 0.0 steps/s, ETA")
     assert progress.bars["train"].label == "epoch 2/2" and progress.bars["train"].done == 1
-    progress.advance("train", at=4, total=10, label="epoch 2/2", unit="steps", elapsed=2.0)  # the sender's clock
+    progress.advance("train", at=4, total=10, label="epoch 2/2", unit="steps", elapsed=2.0)
     assert progress.bars["train"].line().startswith("train: epoch 2/2 4/10 steps (40%), 2.0 steps/s, ETA 3 s")
+    assert not progress.stream.getvalue()  # nothing drawn on a stream that is not a terminal
     progress.finish()
     with caplog.at_level(logging.INFO, logger="dml_ray.progress"):
-        progress.advance("evaluate", at=3, total=4)
+        progress.advance("evaluate", at=3, total=4, elapsed=7200.0)
     assert caplog.records[-1].getMessage().startswith("evaluate: 3/4 rows (75%)")
 
 
