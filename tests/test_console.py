@@ -165,3 +165,20 @@ def test_demo_console_is_short_and_the_run_log_holds_ray_lines(tmp_path):
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "faiss.loader" in verbose.stderr and " ray.data" in verbose.stderr
     assert "ray.data" in (tmp_path / "out" / "runs" / "loud" / "logs" / "run.log").read_text()
+
+
+def test_the_mpn_metrics_are_printed_beside_the_backbones(capsys):
+    import pyarrow as pa
+
+    from dml_ray.cli import _print_metrics
+
+    backbone = [{"split": s, "metric": m, "k": k, "value": v} for s in ("train", "test")
+                for m, k, v in (("recall", 1, 0.5), ("recall", 2, 0.75), ("map_at_r", None, 0.25))]
+    refined = [{"split": "test", "metric": "recall", "k": 1, "value": 0.625},
+               {"split": "test", "metric": "map_at_r", "k": None, "value": 0.375}]
+    _print_metrics(type("Summary", (), {"metrics": pa.Table.from_pylist(backbone)}), pa.Table.from_pylist(refined))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["metric", "k", "test", "test+mpn", "train"]
+    assert lines[1].split() == ["recall", "1", "0.5000", "0.6250", "0.5000"]
+    assert lines[2].split() == ["recall", "2", "0.7500", "-", "0.7500"]
+    assert lines[3].split() == ["map_at_r", "0.2500", "0.3750", "0.2500"]
