@@ -1,9 +1,10 @@
 """The console of a run: our stage lines and progress on the terminal, everything else in the run's log file.
 
 The CLI and the jobs call ``setup_console(verbose)`` once. Every log record then goes to the run's log file
-(``runs/<id>/logs/run.log``, attached by ``run_log(run)`` for the duration of a run; the records before it
-are buffered and written first); the console shows the stage runner's lines (one per stage start and end),
-the progress line, warnings of our code and errors of any, or everything with ``verbose`` (``ConsoleFilter``).
+(``runs/<id>/logs/run.log``, collected by ``run_log(run)`` while a run's stages run and appended when they
+changed the run; the records before it are buffered and written first); the console shows the stage
+runner's lines (one per stage start and end), the progress line, warnings of our code and errors of any,
+or everything with ``verbose`` (``ConsoleFilter``).
 
 Ray's lines reach this process in two ways, and both become log records:
 
@@ -258,40 +259,40 @@ def _worker_lines(data: dict) -> None:
 
 @contextlib.contextmanager
 def run_log(run) -> Iterator[Optional[str]]:  # run: dml_ray.io.run.Run (not imported: no cycle)
-    """Append every log record to the run's ``logs/run.log`` while the block runs (the records buffered since
-    ``setup_console`` first). A remote output root gets the file at the end. Yields the log's URI, or None
-    when ``setup_console`` did not run (library use: the caller's logging is left alone)."""
+    """Collect every log record while the block runs (after the records buffered since ``setup_console``) and
+    append them to the run's ``logs/run.log`` at the end, when the block changed the run (a stage ran: the
+    manifest records it) or failed: re-running a finished run changes no file of it. Yields the log's URI, or
+    None when ``setup_console`` did not run (library use: the caller's logging is left alone)."""
     if _state.buffer is None:
         yield None
         return
     uri = run.path(*LOG_FILE)
-    from dml_ray.io.fs import is_local
-
-    local = is_local(run.fs)
-    if local:
-        path = run.fs_path(uri)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    else:
-        handle, path = tempfile.mkstemp(prefix="dml_ray_run_", suffix=".log")
-        os.close(handle)
+    handle, path = tempfile.mkstemp(prefix="dml_ray_run_", suffix=".log")
+    os.close(handle)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG if _state.verbose else logging.INFO)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
-    root = logging.getLogger()
     for record in _state.buffer.records:
         if record.levelno >= handler.level:
             handler.handle(record)
     _state.buffer.records.clear()
+    root = logging.getLogger()
+    root.removeHandler(_state.buffer)  # the file has the records now; the buffer waits for the next run
     root.addHandler(handler)
+    manifest = run.manifest
+    failed = True
     try:
         yield uri
+        failed = False
     finally:
         root.removeHandler(handler)
+        root.addHandler(_state.buffer)
         handler.close()
-        if not local:
-            with open(path, "rb") as f:
-                ours = f.read()
-            run.write_bytes(uri, (run.read_bytes(uri) or b"") + ours)
+        try:
+            if failed or run.manifest != manifest:
+                with open(path, "rb") as f:
+                    run.write_bytes(uri, (run.read_bytes(uri) or b"") + f.read())
+        finally:
             os.remove(path)
 
 

@@ -182,3 +182,27 @@ def test_the_mpn_metrics_are_printed_beside_the_backbones(capsys):
     assert lines[1].split() == ["recall", "1", "0.5000", "0.6250", "0.5000"]
     assert lines[2].split() == ["recall", "2", "0.7500", "-", "0.7500"]
     assert lines[3].split() == ["map_at_r", "0.2500", "0.3750", "0.2500"]
+
+
+def test_the_run_log_is_appended_only_when_the_run_changed(tmp_path, monkeypatch):
+    from dml_ray.io.run import open_run
+
+    run = open_run(str(tmp_path / "out"), "r", create=True)
+    buffer = console._Buffer()
+    monkeypatch.setattr(console._state, "buffer", buffer)
+    monkeypatch.setattr(console._state, "verbose", False)
+    log = logging.getLogger("ray.worker")
+    monkeypatch.setattr(log, "level", logging.INFO)
+    logging.getLogger().addHandler(buffer)
+    log.info("a rerun that changes nothing")
+    with console.run_log(run) as uri:
+        log.info("nothing ran")
+    assert not run.exists(uri)  # re-running a finished run changes no file of it
+    log.info("before the run")  # buffered, written first
+    with console.run_log(run):
+        log.info("a stage ran")
+        run.update_manifest(stages={"data": {"rows": 1}})
+    logging.getLogger().removeHandler(buffer)
+    text = run.read_bytes(uri).decode()
+    assert text.index("before the run") < text.index("INFO ray.worker: a stage ran")
+    assert "nothing" not in text
