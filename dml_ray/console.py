@@ -113,6 +113,7 @@ class Progress:
         self.stream, self.tty = stream, tty
         self.interval = interval if interval is not None else (TTY_INTERVAL_S if tty else NON_TTY_INTERVAL_S)
         self.bars: dict[str, _Bar] = {}
+        self.since: dict[str, float] = {}  # when each stage's first bar began (epochs of training share one)
         self.shown = False
         self.last = float("-inf")
         self.lock = threading.RLock()
@@ -142,8 +143,8 @@ class Progress:
         if self.tty:
             if now - self.last < self.interval and not (bar.total and bar.done >= bar.total):
                 return
-        elif now - max(self.last, bar.start) < self.interval:  # a stage shorter than the interval prints nothing
-            return
+        elif now - max(self.last, self.since.setdefault(bar.stage, bar.start)) < self.interval:
+            return  # a stage shorter than the interval prints nothing
         self.last = now
         if self.tty:
             self.stream.write("\r\033[K" + bar.line())
@@ -164,6 +165,7 @@ class Progress:
         with self.lock:
             self.clear()
             self.bars.clear()
+            self.since.clear()
             self.last = float("-inf")
 
 

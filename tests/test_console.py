@@ -55,8 +55,8 @@ def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta():
 def test_progress_elsewhere_is_a_log_line_at_most_every_interval(caplog):
     progress = Progress(io.StringIO(), tty=False, interval=3600.0)
     with caplog.at_level(logging.INFO, logger="dml_ray.progress"):
-        progress.advance("train", at=1, total=10, label="epoch 1/2", unit="steps")  # younger than the interval
-        for i in range(2, 11):  # the sender's pass began two intervals ago
+        progress.advance("evaluate", at=1, total=10)  # younger than the interval: no line
+        for i in range(2, 11):  # the sender's pass began two intervals ago: one line, then none for an interval
             progress.advance("train", at=i, total=10, label="epoch 1/2", unit="steps", elapsed=7200.0)
         progress.advance("train", at=1, total=10, label="epoch 2/2", unit="steps", elapsed=7200.0)
     lines = [r.getMessage() for r in caplog.records if r.name == "dml_ray.progress"]
