@@ -12,8 +12,9 @@ from typing import Any, Optional, get_args
 import yaml
 
 from dml_ray.config import ConfigError, Stage, StorageConfig, check_scheme, load_config, validate_run_id
+from dml_ray.console import reset_console, setup_console
 from dml_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NAMES, EXIT_RETRY, exit_code, one_line
-from dml_ray.io.run import storage_options_of
+from dml_ray.io.run import open_run, storage_options_of
 
 DEFAULT_PAIR_METHODS = "decomposition,decomposition_bias,distcam,gradcam,gradcam_nonorm,rgradcam"
 
@@ -35,13 +36,27 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _print_metrics(summary) -> None:
+def _print_metrics(summary, mpn=None) -> None:
+    """The evaluate stage's metrics, one column per split; with ``mpn`` (the mpn stage's metrics) the refined
+    embeddings' values in a column beside each split's (``test+mpn``)."""
     if summary.metrics is None:
         return
-    print(f"\n{'split':<16}{'metric':<28}{'k':>6}{'value':>10}")
-    for row in summary.metrics.to_pylist():
-        k = "" if row["k"] is None else row["k"]
-        print(f"{row['split']:<16}{row['metric']:<28}{k!s:>6}{row['value']:>10.4f}")
+    tables = [("", summary.metrics.to_pylist())] + ([("+mpn", mpn.to_pylist())] if mpn is not None else [])
+    values: dict[tuple, dict[str, float]] = {}
+    columns: list[str] = []
+    for suffix, rows in tables:
+        for row in rows:
+            column = row["split"] + suffix
+            if column not in columns:
+                columns.append(column)
+            values.setdefault((row["metric"], row["k"]), {})[column] = row["value"]
+    columns.sort(key=lambda c: (c.split("+")[0] != "test", c))
+    keys = [key for key in values if any(c in values[key] for c in columns if "+" not in c)]
+    print(f"\n{'metric':<28}{'k':>6}" + "".join(f"{c:>12}" for c in columns))
+    for metric, k in keys:
+        cells = "".join(f"{values[(metric, k)][c]:>12.4f}" if c in values[(metric, k)] else f"{'-':>12}"
+                        for c in columns)
+        print(f"{metric:<28}{'' if k is None else k!s:>6}{cells}")
 
 
 def _run(config_path: str, overrides: dict[str, Any]) -> int:
@@ -49,7 +64,8 @@ def _run(config_path: str, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(config_path, overrides)
     summary = run_pipeline(cfg)
-    _print_metrics(summary)
+    run = open_run(cfg.output_root, summary.run_id, cfg.storage)
+    _print_metrics(summary, run.read("metrics", "mpn") if run.committed("metrics", "mpn") else None)
     print(f"\nrun {summary.run_id}: ran {summary.ran or 'nothing'}, skipped {summary.skipped or 'nothing'}")
     print(f"outputs: {summary.run_uri}")
     if summary.figure:
@@ -182,7 +198,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dml_ray.io.run import open_run
     from pipelines.report import write_report
 
     print(f"report: {write_report(open_run(args.root, args.run))}")
@@ -261,7 +276,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dml-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own lines on the console (they always go to the run's "
+                             "logs/run.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> embed -> evaluate, end to end")
@@ -365,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console(args.verbose)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -384,6 +400,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             hint = " (--verbose shows the traceback)" if code == EXIT_RETRY and not args.verbose else ""
             print(f"dml-ray: {EXIT_NAMES[code]} (exit {code}): {line}{hint}", file=sys.stderr)
         return code
+    finally:
+        reset_console()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import dml_ray
 from dml_ray.cli import parse_sets
 from dml_ray.config import RunConfig, load_config
+from dml_ray.console import reset_console, setup_console
 from dml_ray.errors import EXIT_NAMES, EXIT_OK, EXIT_RETRY, exit_code, one_line
 
 log = logging.getLogger("jobs")
@@ -39,7 +40,8 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--run-id", help="default: the config's run_id, else today's UTC date (YYYY-MM-DD)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set embed.batch_size=64 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own lines on the console (always in the run's logs/run.log)")
     return parser
 
 
@@ -72,8 +74,7 @@ def job_main(name: str, description: str, only: Optional[str] = None,
     from pipelines.run import run_pipeline
 
     args = _parser(name, description).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console(args.verbose)
     start = time.perf_counter()
     run_id = args.run_id or "?"
     try:
@@ -97,6 +98,8 @@ def job_main(name: str, description: str, only: Optional[str] = None,
         print(f"{name}: {EXIT_NAMES[code]} (exit {code}) run_id={run_id} "
               f"seconds={time.perf_counter() - start:.1f}: {message}", flush=True)
         return code
+    finally:
+        reset_console()
     print(_summary_line(name, cfg, summary, time.perf_counter() - start), flush=True)
     return EXIT_OK
 

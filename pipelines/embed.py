@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
+from dml_ray import console
 from dml_ray.config import DataConfig, EmbedConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes, rows_ok
 from dml_ray.data.content_hash import add_content_hash
@@ -79,6 +80,7 @@ class HashedEmbedder(Embedder):
             open(self.crash_once, "w").close()
             os._exit(1)
         hashes = [h if isinstance(h, str) else None for h in batch["content_hash"]]
+        console.advance("embed", len(hashes))
         return super().__call__(batch).append_column("content_hash", pa.array(hashes, pa.string()))
 
 
@@ -190,6 +192,7 @@ def run_embed(images: pa.Table, checkpoint_uri: str, run: Run, data: DataConfig,
     status = pa.schema(_STATUS_COLUMNS).empty_table()
     try:
         if todo.num_rows:
+            console.expect("embed", todo.num_rows)
             # fault injection (crash_once) kills an actor process: it exists on the Ray Data path only
             if crash_once is None and runs_in_process(todo.num_rows, cfg.in_process_below, cfg.use_gpu):
                 log.info("embed: %d images, below embed.in_process_below=%d: in the driver", todo.num_rows,

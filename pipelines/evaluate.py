@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from dml_ray import console
 from dml_ray.config import DeMLConfig, EvaluateConfig
 from dml_ray.io.schemas import METRICS_SCHEMA, embedding_type
 from dml_ray.metrics.learners import learner_blocks, learner_similarity, scale_embeddings
@@ -84,6 +85,7 @@ def evaluate_split_timed(query: pa.Table, db: pa.Table, ks: list[int], cfg: Eval
     r = n_relevant
     bounds = np.linspace(0, len(q_emb), min(cfg.query_shards, len(q_emb)) + 1).astype(int)
     shard = statistics_shard.options(num_cpus=num_threads)
+    console.expect("evaluate", len(q_emb))
     futures = [shard.remote(q_ref, a, b, q_rows[a:b], q_labels[a:b], None if r is None else r[a:b], *refs, width,
                             max(ks), cfg.metric, cfg.block_size, num_threads)
                for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from dml_ray import console
 from dml_ray.config import DataConfig, ExplainConfig
 from dml_ray.data.batches import decode_batch, fetch_bytes
 from dml_ray.data.transforms import decode_image, display_view
@@ -155,6 +156,7 @@ class MapMaker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch_ids = batch.column("image_id").combine_chunks()
+        console.advance("explain", batch.num_rows)
         refs = self.references.filter(pc.is_in(self.ref_ids, value_set=batch_ids))
         if refs.num_rows == 0:
             return ACTIVATION_MAPS_SCHEMA.empty_table()
@@ -272,6 +274,7 @@ def run_explain(checkpoint_uri: str, run: Run, cfg: ExplainConfig, splits: list[
     sfs, spath = run.pyarrow_fs(staging)
     maker_kwargs = {"checkpoint_uri": checkpoint_uri, "references": references, "methods": list(cfg.methods),
                     "run_id": run_id, "num_threads": num_threads, "storage_options": so, "precision": cfg.precision}
+    console.expect("explain", features.num_rows)
     if runs_in_process(features.num_rows, cfg.in_process_below, use_gpu=False):
         log.info("explain: %d images, below explain.in_process_below=%d: in the driver", features.num_rows,
                  cfg.in_process_below)

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from dml_ray import console
 from dml_ray.config import DataConfig, LocalizeConfig
 from dml_ray.io.schemas import LOCALIZATION_SCHEMA, METRICS_SCHEMA
 from dml_ray.io.run import Run
@@ -143,6 +144,7 @@ def _localize_shard(run: Run, files: list[str], shard: int, gt, labels, splits, 
         for method, values in baseline_maps(ids, grid, cfg.seed).items():
             parts.append(_accumulate(counters, (split, "none", method), ids, values, gt, None, cfg, size, run_id))
     run.write_part(staging, pa.concat_tables(parts), shard)
+    console.advance("localize", 0 if maps is None else maps.num_rows)
     return counters
 
 
@@ -191,6 +193,7 @@ def run_localize(run: Run, data: DataConfig, cfg: LocalizeConfig) -> LocalizeRes
     staging = run.staging("localization")
     refs = ray.put(gt), ray.put(labels), ray.put(splits)
     futures = []
+    console.expect("localize", ids_grid.num_rows, unit="maps")
     for shard in range(n_shards):
         baseline_ids = explained[shard::n_shards] if cfg.baselines else None
         futures.append(_localize_shard.remote(run, files[shard::n_shards], shard, *refs, cfg, data.image_size,

@@ -8,6 +8,8 @@ from typing import Optional
 
 import ray
 
+from dml_ray.console import ray_progress_bars, route_worker_output
+
 log = logging.getLogger(__name__)
 
 _started_here = False
@@ -30,8 +32,9 @@ def ensure_ray(num_cpus: Optional[int] = None, address: Optional[str] = None) ->
     log.info("starting Ray (%s)", address or "local")
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
     _started_here = not address
+    route_worker_output()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.isatty(2)
+    ctx.enable_progress_bars = os.isatty(2) and ray_progress_bars()
 
 
 def token_for_unwritable_home(environ: dict) -> bool:

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 import dml_ray
 from dml_ray.config import RunConfig, resolve_local_paths
+from dml_ray.console import finish_progress, run_log
 from dml_ray.data.readers import default_ks, read_images
 from dml_ray.data.synthetic import generate_synthetic
 from dml_ray.io.fs import join
@@ -239,7 +240,7 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None, lock: bool = True) 
     run = open_run(cfg.output_root, cfg.run_id, cfg.storage, create=True)
     summary = RunSummary(cfg.run_id, run.uri)
     preflight(cfg, run, [s.name for s in chosen])
-    with run.lock() if lock else contextlib.nullcontext():
+    with run.lock() if lock else contextlib.nullcontext(), run_log(run):
         if lock:
             run.clean_staging()
         config = cfg.model_dump(mode="json", exclude={"storage": {"options"}})
@@ -260,6 +261,7 @@ def run_pipeline(cfg: RunConfig, only: Optional[str] = None, lock: bool = True) 
             log.info("stage %s: running", step.name)
             start = time.perf_counter()
             info = step.fn(cfg, run)
+            finish_progress()
             info["seconds"] = round(time.perf_counter() - start, 2)
             run.update_manifest(stages={step.name: info})
             log.info("stage %s: done in %.1f s", step.name, info["seconds"])

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import ray
 
+from dml_ray import console
 from dml_ray.metrics.retrieval import query_statistics
 
 
@@ -24,5 +25,7 @@ def statistics_shard(query_emb: np.ndarray, start: int, stop: int, query_rows: n
     import faiss
 
     faiss.omp_set_num_threads(num_threads)
-    return query_statistics(query_emb[start:stop], query_rows, query_labels, n_relevant, db_emb, db_labels, width,
-                            max_k, metric, block_size)
+    stats = query_statistics(query_emb[start:stop], query_rows, query_labels, n_relevant, db_emb, db_labels, width,
+                             max_k, metric, block_size)
+    console.advance("evaluate", stop - start)
+    return stats

@@ -20,6 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
+from dml_ray import console
 from dml_ray.config import ConfigError, RunConfig, TrainConfig, parse_config
 from dml_ray.data.dataset import ImageTableDataset
 from dml_ray.data.samplers import RankAwarePKBatchSampler
@@ -175,7 +176,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _maybe_fail(loop_config, epoch, rank)
             sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            stats = train_epoch(ddp_model, dist_objective, optimizer, loader, device, cfg.train.precision, scaler)
+            label = f"epoch {epoch + 1}/{cfg.train.epochs}"
+            steps = console.counted(loader, "train", label=label) if rank == 0 else loader  # steps on the console
+            stats = train_epoch(ddp_model, dist_objective, optimizer, steps, device, cfg.train.precision, scaler)
             if scheduler is not None:
                 scheduler.step()
             images = stats.pop("images")
