@@ -35,6 +35,7 @@ from typing import IO, Iterable, Iterator, Optional, TypeVar
 log = logging.getLogger(__name__)
 
 MARKER = "@dml_ray.progress "
+PROGRESS_ENV = "DML_RAY_PROGRESS"
 OWN_LOGGERS = ("dml_ray", "pipelines", "jobs", "__main__")
 CONSOLE_LOGGERS = ("dml_ray", "dml_ray.progress", "pipelines.run", "pipelines.ray_env", "pipelines.tune")
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
@@ -195,6 +196,7 @@ def setup_console(verbose: bool = False, stream: Optional[IO[str]] = None) -> No
     logging.captureWarnings(True)  # Python warnings (py.warnings) to the run log, on the console with verbose
     _state.verbose = verbose
     _state.progress = Progress(stream, tty=stream.isatty())
+    os.environ[PROGRESS_ENV] = "1"  # Ray workers started from now on send progress messages
     quiet_ray_loggers()
 
 
@@ -342,6 +344,10 @@ def finish_progress() -> None:
 
 
 def _in_ray_worker() -> bool:
+    """Whether this is a Ray worker of a driver that shows progress (``setup_console`` set PROGRESS_ENV before
+    Ray started): a library user's own driver gets no marker lines."""
+    if os.environ.get(PROGRESS_ENV) != "1":
+        return False
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return False
