@@ -193,7 +193,17 @@ def default_augmentations() -> list[AugmentConfig]:
             AugmentConfig(name="RandomHorizontalFlip")]
 
 
-class TrainConfig(Strict):
+class PrecisionSection(Strict):
+    """A stage section with ``precision`` and ``use_gpu`` fields: fp16 needs a GPU (GradScaler, half kernels)."""
+
+    @model_validator(mode="after")
+    def _fp16_on_gpu(self) -> "PrecisionSection":
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
+        return self
+
+
+class TrainConfig(PrecisionSection):
     epochs: int = Field(5, ge=1)
     classes_per_batch: int = Field(8, ge=1, description="P of the P x K batches, per worker")
     samples_per_class: int = Field(4, ge=1, description="K of the P x K batches")
@@ -225,14 +235,8 @@ class TrainConfig(Strict):
     precision: Precision = Field("fp32", description="autocast dtype of the forward pass: bf16 (GPU and CPU), "
                                                      "fp16 (GPU only, with a gradient scaler)")
 
-    @model_validator(mode="after")
-    def _fp16_on_gpu(self) -> "TrainConfig":
-        if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
-        return self
 
-
-class EmbedConfig(Strict):
+class EmbedConfig(PrecisionSection):
     batch_size: int = Field(32, ge=1)
     concurrency: int = Field(1, ge=1, description="max model actors")
     cpus_per_actor: int = Field(1, ge=1)
@@ -249,12 +253,6 @@ class EmbedConfig(Strict):
     in_process_below: int = Field(4096, ge=0, description="fewer images to embed than this: run the batches in the "
                                                           "driver (no Ray Data job, no actor start); 0: always Ray "
                                                           "Data")
-
-    @model_validator(mode="after")
-    def _fp16_on_gpu(self) -> "EmbedConfig":
-        if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
-        return self
 
 
 class EvaluateConfig(Strict):
@@ -294,7 +292,7 @@ class KnnConfig(Strict):
         return self
 
 
-class ExplainConfig(Strict):
+class ExplainConfig(PrecisionSection):
     methods: list[MapMethod] = Field(default_factory=lambda: ["decomposition", "decomposition_bias", "distcam"])
     references: list[Literal["neighbor", "prototype"]] = Field(default_factory=lambda: ["neighbor", "prototype"],
                                                                min_length=1)
@@ -310,12 +308,6 @@ class ExplainConfig(Strict):
     in_process_below: int = Field(4096, ge=0, description="fewer images to explain than this: compute the maps in "
                                                           "the driver (no Ray Data job, no actor start); 0: always "
                                                           "Ray Data")
-
-    @model_validator(mode="after")
-    def _fp16_on_gpu(self) -> "ExplainConfig":
-        if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision fp16 needs use_gpu: true (on CPU use bf16)")
-        return self
 
 
 class LocalizeConfig(Strict):
