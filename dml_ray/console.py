@@ -210,6 +210,7 @@ def reset_console() -> None:
     if _state.progress is not None:
         _state.progress.clear()
     _state.progress = _state.buffer = None
+    os.environ.pop(PROGRESS_ENV, None)  # a Ray instance this process starts later gets no progress senders
 
 
 def quiet_ray_loggers() -> None:
