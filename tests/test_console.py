@@ -76,14 +76,10 @@ def test_worker_lines_go_to_the_log_and_progress_messages_to_the_progress_line(c
     monkeypatch.setattr(console._state, "progress", progress)
     progress.expect("embed", 10)
     message = MARKER + json.dumps({"stage": "embed", "rows": 4, "unit": "rows"})
-    worker_logger = logging.getLogger("ray.worker")  # Ray's "ray" logger may not propagate to caplog's root
-    worker_logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="ray.worker"):
-            console._worker_lines({"pid": 7, "actor_name": "MapWorker(HashedEmbedder)", "is_err": False,
-                                   "lines": ["Requesting resources: {'CPU': 1} * 2", message]})
-    finally:
-        worker_logger.removeHandler(caplog.handler)
+    monkeypatch.setattr(logging.getLogger("ray"), "propagate", True)  # as quiet_ray_loggers leaves it
+    with caplog.at_level(logging.INFO, logger="ray.worker"):
+        console._worker_lines({"pid": 7, "actor_name": "MapWorker(HashedEmbedder)", "is_err": False,
+                               "lines": ["Requesting resources: {'CPU': 1} * 2", message]})
     worker = [r.getMessage() for r in caplog.records if r.name == "ray.worker"]
     assert worker == ["(MapWorker(HashedEmbedder) pid=7) Requesting resources: {'CPU': 1} * 2"]
     assert progress.bars["embed"].done == 4
