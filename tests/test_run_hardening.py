@@ -152,3 +152,22 @@ def test_an_unwritable_home_gets_a_process_token_for_the_private_ray_instance(tm
     environ = {}
     assert not token_for_unwritable_home(environ) and environ == {}
     assert not token_for_unwritable_home({"RAY_AUTH_TOKEN": "given"})
+
+
+def test_the_empty_staging_folders_of_finished_runs_are_no_leftovers(tmp_path, caplog):
+    from dml_ray.io.tables import clean_staging
+
+    out = tmp_path / "out"
+    (out / "_staging" / "finished-run").mkdir(parents=True)
+    crashed = out / "_staging" / "crashed-run" / "embeddings-0123456789ab"
+    crashed.mkdir(parents=True)
+    (crashed / "part-0.parquet").write_bytes(b"half written")
+    with caplog.at_level(logging.WARNING, logger="dml_ray.io.tables"):
+        assert clean_staging(str(out)) == 1
+    assert "removing 1 staging leftovers" in caplog.text
+    assert not (out / "_staging").exists()
+    caplog.clear()
+    (out / "_staging" / "finished-run").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="dml_ray.io.tables"):
+        assert clean_staging(str(out)) == 0
+    assert "leftovers" not in caplog.text

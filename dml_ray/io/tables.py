@@ -234,15 +234,16 @@ def advance_latest(output_root: str, run_id: str, ran: bool, storage_options: Op
 
 def clean_staging(output_root: str, storage_options: Optional[dict] = None) -> int:
     """Remove every ``_staging`` leftover of the output root (call it holding the root's lock: then no writer is
-    using them); returns how many staging folders were removed."""
+    using them); returns how many staging folders held files (the empty folders a finished run leaves are no
+    leftovers and are removed without a warning)."""
     fs, path = url_to_fs(join(output_root, "_staging"), storage_options)
     if not fs.exists(path):
         return 0
-    leftovers = fs.ls(path, detail=False)
+    leftovers = [entry for entry in fs.ls(path, detail=False) if fs.find(entry)]
     if leftovers:
         log.warning("removing %d staging leftovers of interrupted runs under %s", len(leftovers),
                     join(output_root, "_staging"))
-        fs.rm(path, recursive=True)
+    fs.rm(path, recursive=True)
     return len(leftovers)
 
 
