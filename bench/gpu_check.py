@@ -4,9 +4,10 @@
 
 Rows (CPU first; a GPU row compares with the CPU row above it):
 
-- train: Ray Train DDP, 2 gloo workers fp32 on CPU; on GPU one NCCL worker per GPU with bf16 autocast and with
-  fp16 autocast + GradScaler. Agreement: the test Recall@1 of the trained model against the CPU run's (training
-  numerics differ, so this is a sanity check, not an identity).
+- train: Ray Train DDP, 2 gloo workers fp32 on CPU; on GPU one NCCL worker per GPU in fp32 (IEEE, no TF32), with
+  bf16 autocast and with fp16 autocast + GradScaler. Agreement: the test Recall@1 of the trained model against the
+  CPU run's (training numerics differ, and one GPU worker sees half the CPU run's global batch per step, so this
+  is a sanity check, not an identity; the GPU fp32 row separates precision from world size).
 - embed: the Ray Data embedding actor with the CPU run's checkpoint, on CPU (fp32), on GPU (fp32, bf16).
   Agreement: the smallest cosine between an image's GPU and CPU embeddings.
 - knn graph / evaluate: faiss exact search of the CPU embeddings, faiss-cpu vs faiss-gpu. Agreement: fraction
@@ -90,7 +91,7 @@ def check_train(root: str, rows: list, gpu: bool) -> object:
     cpu = open_run(root, "cpu")
     speed = summary.stages["train"]["history"][-1]["images_per_s"]
     rows.append(("train DDP fp32", "cpu (gloo, 2 workers)", "yes", speed, f"test R@1 {_recall1(cpu):.3f}"))
-    for precision in ("bf16", "fp16"):
+    for precision in ("fp32", "bf16", "fp16"):
         name = f"train DDP {precision}" + (" + GradScaler" if precision == "fp16" else "")
         if not gpu:
             rows.append((name, "gpu (nccl)", "not run", None, "no GPU"))

@@ -21,7 +21,7 @@ from dml_ray.data.transforms import eval_transform, train_transform, upsampling_
 from dml_ray.io.run import open_run
 from dml_ray.models.checkpoint import load_checkpoint
 from dml_ray.models.embedding import build_model
-from dml_ray.precision import autocast
+from dml_ray.precision import autocast, ieee_fp32
 from dml_ray.validation import ModelSelection, embed_batches, holdout_classes, validation_metrics
 
 N_CLASSES = 12  # CUB layout: classes 1-6 train, 7-12 test
@@ -185,6 +185,20 @@ def test_mlflow_scalars_read_back(scripted_run, monkeypatch):
 
 
 # ---- mixed precision ----
+
+
+def test_fp32_on_cuda_turns_tf32_off_and_restores_the_flags():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with autocast("fp32", torch.device("cuda")):
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError), ieee_fp32():
+        raise RuntimeError("a failing step")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with autocast("fp32", torch.device("cpu")):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
+
 def _fixed_batches(n_steps=8):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 3, 32, 32, generator=g)
