@@ -18,19 +18,9 @@ from dml_ray.config import KnnConfig
 from dml_ray.io.schemas import NEIGHBORS_SCHEMA
 from dml_ray.retrieval.knn_graph import build_ann_index, knn_graph_rows, shard_bounds
 from dml_ray.retrieval.prototypes import fixed_list_to_numpy
-from dml_ray.retrieval.reciprocal import reciprocal_batches
+from pipelines.search_tasks import batch_shard, graph_shard
 
 log = logging.getLogger(__name__)
-
-
-@ray.remote(num_cpus=1)
-def _graph_shard(database, a: int, b: int, k1: int, metric: str):
-    return knn_graph_rows(database[a:b], np.arange(a, b), database, k1, metric)
-
-
-@ray.remote(num_cpus=1)
-def _batch_shard(neighbor_idx, distances, database, a: int, b: int, k: int, batch_size: int, metric: str):
-    return reciprocal_batches(neighbor_idx, distances, database, k, batch_size, metric, rows=np.arange(a, b))
 
 
 def knn_graph_sharded(x: np.ndarray, cfg: KnnConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +29,7 @@ def knn_graph_sharded(x: np.ndarray, cfg: KnnConfig) -> tuple[np.ndarray, np.nda
         index = build_ann_index(x, cfg.metric, cfg.index, cfg.index_params or None)
         return knn_graph_rows(x, np.arange(len(x)), x, cfg.k1, cfg.metric, ann_index=index)
     ref = ray.put(x)
-    parts = ray.get([_graph_shard.remote(ref, a, b, cfg.k1, cfg.metric) for a, b in shard_bounds(len(x), cfg.shards)])
+    parts = ray.get([graph_shard.remote(ref, a, b, cfg.k1, cfg.metric) for a, b in shard_bounds(len(x), cfg.shards)])
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -54,7 +44,7 @@ def split_neighbors(embeddings: pa.Table, split: str, cfg: KnnConfig, run_id: st
     k = min(cfg.k or cfg.k1, neighbor_idx.shape[1] - 1)
     batch_size = min(cfg.batch_size, neighbor_idx.shape[1])
     refs = [ray.put(v) for v in (neighbor_idx, distances, x)]
-    parts = ray.get([_batch_shard.remote(*refs, a, b, k, batch_size, cfg.metric)
+    parts = ray.get([batch_shard.remote(*refs, a, b, k, batch_size, cfg.metric)
                      for a, b in shard_bounds(len(x), cfg.shards)])
     # each shard pads its reciprocal sets to its own longest set: keep rows, not one matrix
     reciprocal = [row for p in parts for row in p[0]]

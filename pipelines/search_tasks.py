@@ -1,8 +1,9 @@
-"""Ray tasks of the sharded evaluation search, in a module that imports only NumPy, faiss and the metrics.
+"""Ray tasks of the sharded searches (evaluation, kNN graph, reciprocal batches), in a module that imports only
+NumPy, SciPy, faiss and the metrics.
 
-A Ray worker imports the module that defines a task before running it: defined next to the stage
-(pipelines/evaluate.py, which imports torch and scikit-learn) every fresh worker paid 5-20 s of imports
-on this machine before its first search.
+A Ray worker imports the module that defines a task before running it: defined next to their stages
+(pipelines/evaluate.py imports torch and scikit-learn, pipelines/knn.py torch through the prototypes) every
+fresh worker paid 5-20 s of imports on this machine before its first search.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import ray
 
 from dml_ray import console
 from dml_ray.metrics.retrieval import query_statistics
+from dml_ray.retrieval.knn_graph import knn_graph_rows
+from dml_ray.retrieval.reciprocal import reciprocal_batches
 
 
 @ray.remote
@@ -29,3 +32,16 @@ def statistics_shard(query_emb: np.ndarray, start: int, stop: int, query_rows: n
                              max_k, metric, block_size)
     console.advance("evaluate", stop - start)
     return stats
+
+
+@ray.remote(num_cpus=1)
+def graph_shard(database: np.ndarray, a: int, b: int, k1: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``a:b`` of the exact kNN graph of ``database`` (intra-batch-mpn-reproduction Sec. 3.4)."""
+    return knn_graph_rows(database[a:b], np.arange(a, b), database, k1, metric)
+
+
+@ray.remote(num_cpus=1)
+def batch_shard(neighbor_idx: np.ndarray, distances: np.ndarray, database: np.ndarray, a: int, b: int, k: int,
+                batch_size: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reciprocal-kNN batches seeded by rows ``a:b`` (intra-batch-mpn-reproduction Sec. 3.4)."""
+    return reciprocal_batches(neighbor_idx, distances, database, k, batch_size, metric, rows=np.arange(a, b))
