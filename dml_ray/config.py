@@ -344,6 +344,14 @@ class ReportConfig(Strict):
     projection: Literal["pca", "umap", "auto"] = Field(
         "pca", description="embedding projection: pca; umap (needs umap-learn); auto = umap when installed")
 
+    @field_validator("projection")
+    @classmethod
+    def _umap_installed(cls, projection: str) -> str:
+        from dml_ray.explore.projection import resolve_method
+
+        resolve_method(projection)  # umap without umap-learn fails here, not after the run's other stages
+        return projection
+
 
 class StorageConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict, repr=False,
