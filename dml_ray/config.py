@@ -340,6 +340,7 @@ class ReportConfig(Strict):
                                                    "(ranked by precision@k, then first correct rank)")
     grid_k: int = Field(5, ge=1, le=50, description="retrieved images per query in the retrieval grid")
     thumbnail_px: int = Field(96, ge=16, le=512, description="longest side of a grid thumbnail (inlined JPEG)")
+    per_class_rows: int = Field(50, ge=1, description="classes in the per-class Recall@1 table and plot (worst first)")
     confused_pairs: int = Field(10, ge=1, description="most-confused class pairs listed")
     projection: Literal["pca", "umap", "auto"] = Field(
         "pca", description="embedding projection: pca; umap (needs umap-learn); auto = umap when installed")

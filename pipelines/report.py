@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +17,8 @@ from dml_ray.report.html import Grid, GridRow, Section, Tile, render_report
 from dml_ray.report.overlays import boxes_gallery
 from dml_ray.report.plots import (attention_png, localization_curves_png, per_class_recall_png, projection_png,
                                   run_summary_png)
-from dml_ray.report.retrieval_views import (best_and_worst, confused_pairs, jpeg_thumbnail, per_class_recall_at_1,
-                                            query_neighbours, query_quality)
+from dml_ray.report.retrieval_views import (Neighbours, best_and_worst, confused_pairs, jpeg_thumbnail,
+                                            per_class_recall_at_1, query_neighbours, query_quality)
 from pipelines.evaluate import by_image_id, evaluated_splits, evaluation_pairs
 from pipelines.explain import GALLERY_FILE
 from pipelines.localize import ground_truth
@@ -110,8 +110,11 @@ def retrieval_sections(run: Run, cfg: ReportConfig) -> list[Section]:
         else None
     names = {} if images is None else {int(label): cls for label, cls in zip(
         images.column("label").to_pylist(), images.column("class_name").to_pylist()) if cls is not None}
-    class_name = lambda label: names.get(int(label), str(int(label)))  # noqa: E731
-    sections = [_class_section(name, q_labels, found.labels[:, 0], class_name, cfg.confused_pairs, run.run_id)]
+
+    def class_name(label: int) -> str:
+        return names.get(int(label), str(int(label)))
+
+    sections = [_class_section(name, q_labels, found.labels[:, 0], class_name, cfg, run.run_id)]
     if cfg.grid_queries > 0:
         uris = {} if images is None else dict(zip(images.column("image_id").to_pylist(),
                                                   images.column("uri").to_pylist()))
@@ -122,17 +125,20 @@ def retrieval_sections(run: Run, cfg: ReportConfig) -> list[Section]:
     return sections
 
 
-def _class_section(split: str, labels: np.ndarray, top1: np.ndarray, class_name, n_pairs: int,
-                   run_id: str) -> Section:
+def _class_section(split: str, labels: np.ndarray, top1: np.ndarray, class_name: Callable[[int], str],
+                   cfg: ReportConfig, run_id: str) -> Section:
     per_class = per_class_recall_at_1(labels, top1).to_pylist()
     overall = float((labels == top1).mean())
-    rows = [[class_name(r["label"]), r["label"], r["n_queries"], r["n_correct"], r["recall_at_1"]] for r in per_class]
+    rows = [[class_name(r["label"]), r["label"], r["n_queries"], r["n_correct"], r["recall_at_1"]]
+            for r in per_class[:cfg.per_class_rows]]
     pairs = [[class_name(r["label"]), class_name(r["retrieved_label"]), r["count"], r["share"]]
-             for r in confused_pairs(labels, top1, n_pairs).to_pylist()]
+             for r in confused_pairs(labels, top1, cfg.confused_pairs).to_pylist()]
+    shown = "every class" if len(rows) == len(per_class) else f"the worst {len(rows)} of {len(per_class)} classes"
     return Section(
         f"Per-class Recall@1 ({split})", "per-class-recall",
-        text=f"Recall@1 of each query class, worst first ({len(labels)} queries, overall {overall:.4f}; the query "
-             "itself excluded). Most-confused pairs: queries of a class whose nearest neighbour is of another class.",
+        text=f"Recall@1 of each query class, worst first: {shown} ({len(labels)} queries, overall {overall:.4f}; "
+             "the query itself excluded). Most-confused pairs: queries of a class whose nearest neighbour is of "
+             "another class.",
         tables=[(["class", "label", "queries", "correct at 1", "Recall@1"], rows),
                 (["query class", "nearest neighbour's class", "queries", "share of the class"], pairs)],
         figures=[per_class_recall_png([r[0] for r in rows], [r[4] for r in rows], overall,
@@ -140,7 +146,8 @@ def _class_section(split: str, labels: np.ndarray, top1: np.ndarray, class_name,
 
 
 def _grid_section(run: Run, split: str, q_ids: np.ndarray, q_labels: np.ndarray, d_ids: np.ndarray,
-                  d_labels: np.ndarray, found, uris: dict, class_name, cfg: ReportConfig, metric: str) -> Section:
+                  d_labels: np.ndarray, found: Neighbours, uris: dict[str, str], class_name: Callable[[int], str],
+                  cfg: ReportConfig, metric: str) -> Section:
     precision, first_rank = query_quality(q_labels, found.labels)
     k = found.indices.shape[1]
     best, worst = best_and_worst(q_ids, precision, first_rank, found.scores[:, 0], cfg.grid_queries,

@@ -138,6 +138,12 @@ def test_per_class_recall_weighted_by_class_size_is_the_evaluate_recall_at_1(hos
     assert sum(r[2] * r[4] for r in rows) / sum(r[2] for r in rows) == pytest.approx(overall, abs=1e-12)
     assert [r[4] for r in rows] == sorted(r[4] for r in rows)  # worst first
     assert 0 < overall < 1  # the example has both hits and misses
+    from pipelines.report import build_sections
+
+    capped = {s.anchor: s for s in build_sections(run, ReportConfig(per_class_rows=2, grid_queries=0))}
+    assert capped["per-class-recall"].tables[0][1] == rows[:2] and "the worst 2 of 4 classes" in \
+        capped["per-class-recall"].text
+    assert "retrieval-grid" not in capped
 
 
 def test_per_class_recall_and_confused_pairs_by_hand() -> None:
