@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from dml_ray.config import DataConfig, EvaluateConfig, ReportConfig
 from dml_ray.data.transforms import decode_image, display_view
@@ -182,7 +183,7 @@ def _thumbnail(run: Run, uri: Optional[str], size: int) -> Optional[bytes]:
         return None
     try:
         return jpeg_thumbnail(run.read_input(uri), size)
-    except (OSError, ValueError) as err:  # a moved or damaged image leaves a placeholder, not a failed report
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a placeholder, not a failed report
         log.warning("report: no thumbnail for %s (%s)", uri, type(err).__name__)
         return None
 

@@ -3,6 +3,7 @@ self-contained file, and the retrieval views (grid, per-class Recall@1, confused
 dml_ray's own search and a brute-force NumPy one, on a small hand-built run (no Ray, no model)."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -206,3 +207,18 @@ def test_projection_section(hostile) -> None:
     section = hostile["sections"]["projection"]
     assert "20 embeddings projected to 2-D by PCA" in section.text
     assert section.figures[0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unreadable_images_leave_a_placeholder(hostile, tmp_path) -> None:
+    from dml_ray.report.html import Grid, GridRow, Tile
+    from pipelines.report import _thumbnail
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    assert _thumbnail(hostile["run"], str(tmp_path / "moved.jpg"), 96) is None
+    assert _thumbnail(hostile["run"], str(broken), 96) is None
+    good = _thumbnail(hostile["run"], hostile["run"].read("images").column("uri")[0].as_py(), 32)
+    assert good[:2] == b"\xff\xd8" and max(Image.open(io.BytesIO(good)).size) == 32
+    grid = Grid("g", [GridRow(Tile("q", "a", good), [Tile("r", "b", None, 0.5, False)])])
+    html = render_report("t", [Section("s", "s", grids=[grid])])
+    assert "class='thumb missing miss'" in html and "unreadable" in html and "cosine 0.500" in html
