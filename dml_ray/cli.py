@@ -214,7 +214,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = None
     if args.projection:  # the run's report settings, with this projection
         resolve_method(args.projection)  # a one-line error when umap-learn is missing
-        cfg = ReportConfig.model_validate({**(run.manifest.get("config") or {}).get("report", {}),
+        cfg = ReportConfig.model_validate({**((run.manifest.get("config") or {}).get("report") or {}),
                                            "projection": args.projection})
     print(f"report: {write_report(run, cfg)}")
     return 0

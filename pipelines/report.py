@@ -33,7 +33,7 @@ PRIMARY_SPLIT = "test"
 def build_sections(run: Run, cfg: Optional[ReportConfig] = None) -> list[Section]:
     """The report's sections for whatever stages the run has committed; ``cfg`` defaults to the run's config's
     ``report`` section."""
-    cfg = cfg or ReportConfig.model_validate(run.manifest.get("config", {}).get("report", {}))
+    cfg = cfg or ReportConfig.model_validate((run.manifest.get("config") or {}).get("report") or {})
     tables = run.tables()
     run_id = run.run_id
     sections = []
@@ -95,7 +95,7 @@ def _embedding_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def retrieval_sections(run: Run, cfg: ReportConfig) -> list[Section]:
     """Per-class Recall@1 and the most-confused class pairs, the best and worst queries with their top-k, and the
     embedding projection, for the evaluated split (the query itself excluded, as the evaluate stage searches)."""
-    evaluate = EvaluateConfig.model_validate(run.manifest.get("config", {}).get("evaluate", {}))
+    evaluate = EvaluateConfig.model_validate((run.manifest.get("config") or {}).get("evaluate") or {})
     embeddings = run.read("embeddings", columns=["image_id", "label", "split", "embedding"])
     name, q_split, d_split = primary_pair(embeddings, evaluate)
     query = by_image_id(embeddings.filter(pc.equal(embeddings.column("split"), q_split)))
