@@ -54,9 +54,17 @@ def _print_metrics(summary, mpn=None) -> None:
     keys = [key for key in values if any(c in values[key] for c in columns if "+" not in c)]
     print(f"\n{'metric':<28}{'k':>6}" + "".join(f"{c:>12}" for c in columns))
     for metric, k in keys:
-        cells = "".join(f"{values[(metric, k)][c]:>12.4f}" if c in values[(metric, k)] else f"{'-':>12}"
+        cells = "".join(_metric_cell(metric, values[(metric, k)][c]) if c in values[(metric, k)] else f"{'-':>12}"
                         for c in columns)
         print(f"{metric:<28}{'' if k is None else k!s:>6}{cells}")
+
+
+def _metric_cell(metric: str, value: float) -> str:
+    """A metric value in a 12-wide column: counts (``metrics.names.is_count_metric``) as integers."""
+    from dml_ray.metrics.names import display_value
+
+    shown = display_value(metric, value)
+    return f"{shown:>12d}" if isinstance(shown, int) else f"{shown:>12.4f}"
 
 
 def _run(config_path: str, overrides: dict[str, Any]) -> int:
@@ -198,9 +206,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from dml_ray.config import ReportConfig
+    from dml_ray.explore.projection import resolve_method
     from pipelines.report import write_report
 
-    print(f"report: {write_report(open_run(args.root, args.run))}")
+    run = open_run(args.root, args.run)
+    cfg = None
+    if args.projection:  # the run's report settings, with this projection
+        resolve_method(args.projection)  # a one-line error when umap-learn is missing
+        cfg = ReportConfig.model_validate({**((run.manifest.get("config") or {}).get("report") or {}),
+                                           "projection": args.projection})
+    print(f"report: {write_report(run, cfg)}")
     return 0
 
 
@@ -332,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write a run's self-contained HTML report")
     p.add_argument("--root", default="demo_out", help="output root (default: ./demo_out)")
     p.add_argument("--run", default=None, help="run id (default: the latest run)")
+    p.add_argument("--projection", choices=["pca", "umap", "auto"], default=None,
+                   help="embedding projection (default: the run's report.projection, pca); umap needs umap-learn, "
+                        "auto uses it when installed")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="model diagnosis: runs side by side, train vs test")

@@ -335,6 +335,25 @@ class LocalizeConfig(Strict):
         return self
 
 
+class ReportConfig(Strict):
+    grid_queries: int = Field(5, ge=0, description="best and worst queries each in the report's retrieval grid "
+                                                   "(ranked by precision@k, then first correct rank)")
+    grid_k: int = Field(5, ge=1, le=50, description="retrieved images per query in the retrieval grid")
+    thumbnail_px: int = Field(96, ge=16, le=512, description="longest side of a grid thumbnail (inlined JPEG)")
+    per_class_rows: int = Field(50, ge=1, description="classes in the per-class Recall@1 table and plot (worst first)")
+    confused_pairs: int = Field(10, ge=1, description="most-confused class pairs listed")
+    projection: Literal["pca", "umap", "auto"] = Field(
+        "pca", description="embedding projection: pca; umap (needs umap-learn); auto = umap when installed")
+
+    @field_validator("projection")
+    @classmethod
+    def _umap_installed(cls, projection: str) -> str:
+        from dml_ray.explore.projection import resolve_method
+
+        resolve_method(projection)  # umap without umap-learn fails here, not after the run's other stages
+        return projection
+
+
 class StorageConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict, repr=False,
                                     description="fsspec storage options of every URI the run reads or writes "
@@ -416,6 +435,7 @@ class RunConfig(Strict):
     knn: KnnConfig = KnnConfig()
     explain: ExplainConfig = ExplainConfig()
     localize: LocalizeConfig = LocalizeConfig()
+    report: ReportConfig = ReportConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -2,16 +2,25 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
-from dml_ray.config import DataConfig
+from dml_ray.config import DataConfig, EvaluateConfig, ReportConfig
 from dml_ray.data.transforms import decode_image, display_view
+from dml_ray.explore.projection import project_2d, resolve_method
 from dml_ray.io.run import Run
-from dml_ray.report.html import Section, render_report
+from dml_ray.metrics.names import display_value
+from dml_ray.report.html import Grid, GridRow, Section, Tile, render_report
 from dml_ray.report.overlays import boxes_gallery
-from dml_ray.report.plots import attention_png, localization_curves_png, run_summary_png
+from dml_ray.report.plots import (attention_png, localization_curves_png, per_class_recall_png, projection_png,
+                                  run_summary_png)
+from dml_ray.report.retrieval_views import (Neighbours, best_and_worst, confused_pairs, jpeg_thumbnail,
+                                            per_class_recall_at_1, query_neighbours, query_quality)
+from pipelines.evaluate import by_image_id, evaluated_splits, evaluation_pairs
 from pipelines.explain import GALLERY_FILE
 from pipelines.localize import ground_truth
 
@@ -21,20 +30,24 @@ REPORT_FILE = "report.html"
 PRIMARY_SPLIT = "test"
 
 
-def build_sections(run: Run) -> list[Section]:
-    """The report's sections for whatever stages the run has committed."""
+def build_sections(run: Run, cfg: Optional[ReportConfig] = None) -> list[Section]:
+    """The report's sections for whatever stages the run has committed; ``cfg`` defaults to the run's config's
+    ``report`` section."""
+    cfg = cfg or ReportConfig.model_validate((run.manifest.get("config") or {}).get("report") or {})
     tables = run.tables()
     run_id = run.run_id
     sections = []
     if "metrics" in tables:
         metrics = run.read("metrics")
         # training curves and localization have their own figures and tables
-        rows = sorted((r["stage"], r["split"], r["metric"], r["k"], r["value"]) for r in metrics.to_pylist()
-                      if r["stage"] not in ("train", "localize", "mpn"))
+        rows = sorted((r["stage"], r["split"], r["metric"], r["k"], display_value(r["metric"], r["value"]))
+                      for r in metrics.to_pylist() if r["stage"] not in ("train", "localize", "mpn"))
         sections.append(Section("Retrieval metrics", "metrics",
                                 tables=[(["stage", "split", "metric", "k", "value"], rows)],
                                 figures=[run_summary_png(metrics, f"run {run_id}")]))
         sections += mpn_sections(metrics, run_id)
+    if "embeddings" in tables:
+        sections += retrieval_sections(run, cfg)
     gallery = run.read_bytes(run.path(GALLERY_FILE))
     if gallery is not None:
         sections.append(Section("Activation maps", "maps", text="A sample of explained images, each method's map "
@@ -47,10 +60,12 @@ def build_sections(run: Run) -> list[Section]:
 def mpn_sections(metrics: pa.Table, run_id: str) -> list[Section]:
     """Backbone vs MPN embeddings side by side (intra-batch-mpn-reproduction Table 3) and the attention curves."""
     rows = metrics.to_pylist()
-    refined = {(r["split"], r["metric"], r["k"]): r["value"] for r in rows if r["stage"] == "mpn"}
+    refined = {(r["split"], r["metric"], r["k"]): display_value(r["metric"], r["value"]) for r in rows
+               if r["stage"] == "mpn"}
     sections = []
     if refined:
-        backbone = {(r["split"], r["metric"], r["k"]): r["value"] for r in rows if r["stage"] == "evaluate"}
+        backbone = {(r["split"], r["metric"], r["k"]): display_value(r["metric"], r["value"]) for r in rows
+                    if r["stage"] == "evaluate"}
         table = [[*key, backbone.get(key), value] for key, value in sorted(refined.items(), key=str)]
         sections.append(Section("Backbone vs MPN", "mpn",
                                 text="The same images embedded by the backbone alone and refined by the message "
@@ -63,12 +78,134 @@ def mpn_sections(metrics: pa.Table, run_id: str) -> list[Section]:
     return sections
 
 
+def primary_pair(embeddings: pa.Table, cfg: EvaluateConfig) -> tuple[str, str, str]:
+    """The evaluated (name, query split, database split) the retrieval views show: In-Shop's query vs gallery,
+    else test, else the first evaluated split (``pipelines.evaluate.evaluation_pairs``)."""
+    pairs = evaluation_pairs(evaluated_splits(embeddings, cfg))
+    return next((p for p in pairs if p[0] == "query_gallery"), next((p for p in pairs if p[0] == PRIMARY_SPLIT),
+                                                                    pairs[0]))
+
+
+def _embedding_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return (x.reshape(table.num_rows, -1).astype(np.float32, copy=False), table.column("label").to_numpy(),
+            np.asarray(table.column("image_id").to_pylist(), dtype=object))
+
+
+def retrieval_sections(run: Run, cfg: ReportConfig) -> list[Section]:
+    """Per-class Recall@1 and the most-confused class pairs, the best and worst queries with their top-k, and the
+    embedding projection, for the evaluated split (the query itself excluded, as the evaluate stage searches)."""
+    evaluate = EvaluateConfig.model_validate((run.manifest.get("config") or {}).get("evaluate") or {})
+    embeddings = run.read("embeddings", columns=["image_id", "label", "split", "embedding"])
+    name, q_split, d_split = primary_pair(embeddings, evaluate)
+    query = by_image_id(embeddings.filter(pc.equal(embeddings.column("split"), q_split)))
+    db = query if d_split == q_split else by_image_id(embeddings.filter(pc.equal(embeddings.column("split"),
+                                                                                  d_split)))
+    if query.num_rows == 0 or db.num_rows < 2:
+        log.info("report: split %s has too few embeddings for the retrieval views", name)
+        return []
+    q_emb, q_labels, q_ids = _embedding_arrays(query)
+    d_emb, d_labels, d_ids = (q_emb, q_labels, q_ids) if db is query else _embedding_arrays(db)
+    found = query_neighbours(q_emb, q_ids, d_emb, d_ids, d_labels, cfg.grid_k, evaluate.metric)
+    images = run.read("images", columns=["image_id", "uri", "label", "class_name"]) if run.committed("images") \
+        else None
+    names = {} if images is None else {int(label): cls for label, cls in zip(
+        images.column("label").to_pylist(), images.column("class_name").to_pylist()) if cls is not None}
+
+    def class_name(label: int) -> str:
+        return names.get(int(label), str(int(label)))
+
+    sections = [_class_section(name, q_labels, found.labels[:, 0], class_name, cfg, run.run_id)]
+    if cfg.grid_queries > 0:
+        uris = {} if images is None else dict(zip(images.column("image_id").to_pylist(),
+                                                  images.column("uri").to_pylist()))
+        sections.append(_grid_section(run, name, q_ids, q_labels, d_ids, d_labels, found, uris, class_name, cfg,
+                                      evaluate.metric))
+    sections.append(_projection_section(name, query if db is query else pa.concat_tables([query, db]), cfg,
+                                        evaluate.seed, run.run_id))
+    return sections
+
+
+def _class_section(split: str, labels: np.ndarray, top1: np.ndarray, class_name: Callable[[int], str],
+                   cfg: ReportConfig, run_id: str) -> Section:
+    per_class = per_class_recall_at_1(labels, top1).to_pylist()
+    overall = float((labels == top1).mean())
+    rows = [[class_name(r["label"]), r["label"], r["n_queries"], r["n_correct"], r["recall_at_1"]]
+            for r in per_class[:cfg.per_class_rows]]
+    pairs = [[class_name(r["label"]), class_name(r["retrieved_label"]), r["count"], r["share"]]
+             for r in confused_pairs(labels, top1, cfg.confused_pairs).to_pylist()]
+    shown = "every class" if len(rows) == len(per_class) else f"the worst {len(rows)} of {len(per_class)} classes"
+    return Section(
+        f"Per-class Recall@1 ({split})", "per-class-recall",
+        text=f"Recall@1 of each query class, worst first: {shown} ({len(labels)} queries, overall {overall:.4f}; "
+             "the query itself excluded). Most-confused pairs: queries of a class whose nearest neighbour is of "
+             "another class.",
+        tables=[(["class", "label", "queries", "correct at 1", "Recall@1"], rows),
+                (["query class", "nearest neighbour's class", "queries", "share of the class"], pairs)],
+        figures=[per_class_recall_png([r[0] for r in rows], [r[4] for r in rows], overall,
+                                      f"run {run_id}, split {split}")])
+
+
+def _grid_section(run: Run, split: str, q_ids: np.ndarray, q_labels: np.ndarray, d_ids: np.ndarray,
+                  d_labels: np.ndarray, found: Neighbours, uris: dict[str, str], class_name: Callable[[int], str],
+                  cfg: ReportConfig, metric: str) -> Section:
+    precision, first_rank = query_quality(q_labels, found.labels)
+    k = found.indices.shape[1]
+    best, worst = best_and_worst(q_ids, precision, first_rank, found.scores[:, 0], cfg.grid_queries,
+                                 higher_is_closer=metric == "cosine")
+    thumbnails: dict[str, Optional[bytes]] = {}
+
+    def tile(image_id: str, label: int, score: Optional[float] = None, match: Optional[bool] = None) -> Tile:
+        if image_id not in thumbnails:
+            thumbnails[image_id] = _thumbnail(run, uris.get(image_id), cfg.thumbnail_px)
+        return Tile(image_id, class_name(label), thumbnails[image_id], score, match)
+
+    def row(q: int) -> GridRow:
+        hits = [tile(d_ids[j], d_labels[j], float(score), bool(d_labels[j] == q_labels[q]))
+                for j, score in zip(found.indices[q], found.scores[q])]
+        where = f"first correct at rank {first_rank[q] + 1}" if first_rank[q] < k else f"no correct in the top {k}"
+        return GridRow(tile(q_ids[q], q_labels[q]), hits, f"precision@{k} {precision[q]:.2f}; {where}")
+
+    score_name = "cos" if metric == "cosine" else "sq. L2"
+    return Section(
+        f"Best and worst queries ({split})", "retrieval-grid",
+        text=f"Each query's top {k} (the query itself excluded), green border: same class, red: another class; "
+             f"under each, its {'cosine similarity' if metric == 'cosine' else 'squared L2 distance'}. Queries "
+             f"ranked by precision@{k}, then by the rank of the first correct neighbour, then by the top-1 score "
+             "(the worst: confident mistakes first).",
+        grids=[Grid("Best queries", [row(q) for q in best], score_name),
+               Grid("Worst queries", [row(q) for q in worst], score_name)])
+
+
+def _thumbnail(run: Run, uri: Optional[str], size: int) -> Optional[bytes]:
+    """A JPEG thumbnail of the image at ``uri`` (read with the run's storage options); None when unreadable."""
+    if uri is None:
+        return None
+    try:
+        return jpeg_thumbnail(run.read_input(uri), size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a placeholder, not a failed report
+        log.warning("report: no thumbnail for %s (%s)", uri, type(err).__name__)
+        return None
+
+
+def _projection_section(split: str, table: pa.Table, cfg: ReportConfig, seed: int, run_id: str) -> Section:
+    table = by_image_id(table)
+    ids = table.column("image_id").to_pylist()
+    keep = [i for i, image_id in enumerate(ids) if i == 0 or image_id != ids[i - 1]]  # query and gallery may overlap
+    x, labels, _ = _embedding_arrays(table.take(pa.array(keep, pa.int64())))
+    method = resolve_method(cfg.projection)
+    xy = project_2d(x, method, seed=seed)
+    return Section(f"Embedding projection ({split})", "projection",
+                   text=f"{len(x)} embeddings projected to 2-D by {method.upper()}, coloured by class.",
+                   figures=[projection_png(xy, labels, method.upper(), f"run {run_id}, split {split}")])
+
+
 def _summary_table(metrics: pa.Table) -> list[list[object]]:
     values: dict[tuple[str, str], dict[str, float]] = {}
     for r in metrics.to_pylist():
         if r["stage"] == "localize" and not r["metric"].startswith("loc_acc/"):
             metric, name = r["metric"].split("/", 1)
-            values.setdefault((r["split"], name), {})[metric] = r["value"]
+            values.setdefault((r["split"], name), {})[metric] = display_value(metric, r["value"])
     keys = ["loc_best_threshold", "loc_best_acc", "loc_holdout_threshold", "loc_holdout_acc", "maxboxacc_v2",
             "top1_loc_error", "n_images"]
     order = sorted(values.items(), key=lambda kv: (kv[0][0] != PRIMARY_SPLIT, kv[0][0], -kv[1].get("loc_best_acc", 0)))
@@ -140,10 +277,10 @@ def _boxes_figure(rows: list[dict], images: pa.Table, maps: pa.Table, gt: dict, 
     return boxes_gallery(views, [by_id[i] for i in ids], [r["box"] for r in rows], [gt[i] for i in ids], titles)
 
 
-def write_report(run: Run) -> str:
-    """Write ``runs/<run_id>/report.html`` and return its URI."""
+def write_report(run: Run, cfg: Optional[ReportConfig] = None) -> str:
+    """Write ``runs/<run_id>/report.html`` and return its URI (``cfg``: as in ``build_sections``)."""
     manifest, run_id = run.manifest, run.run_id
-    sections = build_sections(run)
+    sections = build_sections(run, cfg)
     if not sections:
         raise FileNotFoundError(f"{run.output_root}: run {run_id!r} has nothing to report yet")
     model = manifest.get("config", {}).get("model", {})

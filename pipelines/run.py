@@ -185,7 +185,7 @@ def _stage_localize(cfg: RunConfig, run: Run) -> dict:
 
 
 def _stage_report(cfg: RunConfig, run: Run) -> dict:
-    return {"report": write_report(run)}
+    return {"report": write_report(run, cfg.report)}
 
 
 def _checkpoint(cfg: RunConfig, run: Run) -> str:

@@ -185,6 +185,19 @@ def test_the_mpn_metrics_are_printed_beside_the_backbones(capsys):
     assert lines[3].split() == ["map_at_r", "0.2500", "0.3750", "0.2500"]
 
 
+def test_counts_are_printed_as_integers(capsys):
+    import pyarrow as pa
+
+    from dml_ray.cli import _print_metrics
+
+    rows = [{"split": "test", "metric": m, "k": k, "value": v}
+            for m, k, v in (("recall", 1, 0.5), ("n_queries", None, 192.0), ("map_at_r_excluded_queries", None, 0.0))]
+    _print_metrics(type("Summary", (), {"metrics": pa.Table.from_pylist(rows)}))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split() for line in lines[1:]] == [["recall", "1", "0.5000"], ["n_queries", "192"],
+                                                    ["map_at_r_excluded_queries", "0"]]
+
+
 def test_the_run_log_is_appended_only_when_the_run_changed(tmp_path, monkeypatch):
     from dml_ray.io.run import open_run
 

@@ -182,11 +182,24 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{report}"]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-    for anchor in ("metrics", "maps", "localization-curves", "localization-table", "best-localized",
-                   "worst-localized"):
+    for anchor in ("metrics", "per-class-recall", "retrieval-grid", "projection", "maps", "localization-curves",
+                   "localization-table", "best-localized", "worst-localized"):
         assert f'id="{anchor}"' in dom, anchor
-    assert dom.count("data:image/png;base64,") >= 5
+    assert dom.count("data:image/png;base64,") >= 7
+    assert dom.count("data:image/jpeg;base64,") >= 10  # the retrieval grid's thumbnails
     assert "neighbor/decomposition" in dom
+
+
+def test_report_per_class_recall_agrees_with_the_evaluate_stage(demo_run):
+    from pipelines.report import build_sections
+
+    cfg, _ = demo_run
+    run = open_run(cfg.output_root, "t")
+    metrics = {(r["metric"], r["k"]): r["value"] for r in run.read("metrics", "evaluate").to_pylist()
+               if r["split"] == "test"}
+    rows = {s.anchor: s for s in build_sections(run)}["per-class-recall"].tables[0][1]
+    assert sum(r[2] for r in rows) == metrics[("n_queries", None)]
+    assert sum(r[3] for r in rows) / sum(r[2] for r in rows) == pytest.approx(metrics[("recall", 1)], abs=1e-12)
 
 
 def test_compare_puts_trained_and_random_models_side_by_side(demo_run, capsys):

@@ -1,60 +1,102 @@
-"""A self-contained HTML page (figures inlined as base64 PNG) from titled sections."""
+"""Self-contained HTML pages rendered from the package's jinja2 templates (``dml_ray/report/templates``), with
+autoescaping on: every string from a run (class names, image ids, metric names) is escaped. Figures and
+thumbnails are inlined as base64 data URIs and the shared stylesheet (``dml_ray/serve/static/shared.css``, which
+the explorer links) is inlined, so a page can be mailed or archived alone and opens offline."""
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
+import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Optional, Sequence
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { margin-bottom: 0.2em; } .meta { color: #666; margin-bottom: 2em; }
-section { margin-bottom: 2.5em; } table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-img { max-width: 100%; border: 1px solid #eee; }
-"""
+import jinja2
+from markupsafe import Markup
+
+SHARED_CSS = ("serve", "static", "shared.css")
+
+
+@dataclass
+class Tile:
+    """One image of a retrieval grid: a JPEG thumbnail (None when the image could not be read), its caption, and
+    for a retrieved image its score and whether its label is the query's."""
+
+    image_id: str
+    caption: str
+    thumbnail: Optional[bytes]
+    score: Optional[float] = None
+    match: Optional[bool] = None
+
+
+@dataclass
+class GridRow:
+    """A query and its retrieved images, nearest first; ``note`` says why the query is where it is."""
+
+    query: Tile
+    hits: list[Tile]
+    note: str = ""
+
+
+@dataclass
+class Grid:
+    """Titled rows of a retrieval grid; ``score_name`` labels the number under each retrieved image."""
+
+    title: str
+    rows: list[GridRow]
+    score_name: str = "cosine"
 
 
 @dataclass
 class Section:
-    """One titled part of a report: optional text, tables (header + rows) and PNG figures."""
+    """One titled part of a report: optional text, tables (header + rows), PNG figures and retrieval grids."""
 
     title: str
     anchor: str
     text: str = ""
     tables: list[tuple[Sequence[str], Sequence[Sequence[object]]]] = field(default_factory=list)
     figures: list[bytes] = field(default_factory=list)
+    grids: list[Grid] = field(default_factory=list)
 
 
-def _cell(value: object) -> str:
+def cell(value: object) -> str:
+    """A table cell: integers as integers, other numbers with 4 decimals, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
-        return f"{value:.4f}"
-    return html.escape("" if value is None else str(value))
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def data_uri(data: bytes, media_type: str = "image/png") -> str:
+    """``data`` as a base64 ``data:`` URI."""
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def shared_css() -> Markup:
+    """The stylesheet the report and the explorer share, marked safe for a ``<style>`` element: it is the
+    package's own file, and one that could close the element is refused."""
+    css = resources.files("dml_ray").joinpath(*SHARED_CSS).read_text()
+    if "</" in css:
+        raise ValueError(f"{'/'.join(SHARED_CSS)}: the stylesheet must not contain '</'")
+    return Markup(css)
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """The jinja2 environment over the package's templates: autoescape on, undefined names are errors."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("dml_ray.report", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["cell"] = cell
+    env.filters["data_uri"] = data_uri
+    return env
 
 
 def render_report(title: str, sections: Sequence[Section], meta: str = "") -> str:
-    """The whole page; every figure is embedded, so the file can be mailed or archived alone."""
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<div class='meta'>{html.escape(meta)} &middot; generated "
-             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
-             "<nav><ul>" + "".join(f"<li><a href='#{s.anchor}'>{html.escape(s.title)}</a></li>" for s in sections)
-             + "</ul></nav>"]
-    for s in sections:
-        parts.append(f"<section id='{html.escape(s.anchor)}'><h2>{html.escape(s.title)}</h2>")
-        if s.text:
-            parts.append(f"<p>{html.escape(s.text)}</p>")
-        parts += [_table(h, rows) for h, rows in s.tables]
-        parts += [f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-                  for png in s.figures]
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """The whole page (template ``report.html.j2``)."""
+    return environment().get_template("report.html.j2").render(
+        title=title, sections=sections, meta=meta, css=shared_css(),
+        generated=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")

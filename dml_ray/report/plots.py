@@ -1,12 +1,15 @@
-"""Figures of a run's metrics table: training curves and retrieval scores."""
+"""Figures of a run: training curves and retrieval scores from its metrics table, per-class Recall@1 and the
+embedding projection."""
 from __future__ import annotations
 
 import io
+from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 
@@ -115,4 +118,37 @@ def attention_png(metrics: pa.Table, title: str) -> bytes:
         axes[0].plot(*zip(*uniform), ":", color="gray", label="uniform attention")
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
+    return figure_png(fig)
+
+
+def per_class_recall_png(names: Sequence[str], recall: Sequence[float], overall: float, title: str) -> bytes:
+    """PNG: one bar per class with its Recall@1, in the order given (worst first), and the overall Recall@1."""
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.28 * n + 2), 30), 4.2))
+    colours = plt.get_cmap("RdYlGn")([max(0.0, min(1.0, v)) for v in recall])
+    ax.bar(range(n), recall, color=colours, edgecolor="#555", linewidth=0.4)
+    ax.axhline(overall, color="tab:blue", linestyle="--", linewidth=1, label=f"overall Recall@1 {overall:.3f}")
+    ax.set_xticks(range(n), [str(s)[:24] for s in names], rotation=90, fontsize=6 if n > 40 else 8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("Recall@1")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
+    return figure_png(fig)
+
+
+def projection_png(xy: np.ndarray, labels: np.ndarray, method: str, title: str) -> bytes:
+    """PNG: a 2-D projection of embeddings (``explore.projection.project_2d``), one colour per class (20 colours
+    cycled; a legend up to 20 classes)."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    classes = np.unique(labels)
+    cmap = plt.get_cmap("tab20")
+    for i, label in enumerate(classes):
+        rows = labels == label
+        ax.scatter(xy[rows, 0], xy[rows, 1], s=9, color=cmap(i % 20), alpha=0.8, linewidths=0, label=str(label))
+    if 1 < len(classes) <= 20:
+        ax.legend(title="label", fontsize=7, markerscale=1.5, loc="best", ncol=2)
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    ax.set_title(title)
     return figure_png(fig)

@@ -23,6 +23,7 @@ from dml_ray.explain.decomposition import pixel_to_grid, point_specific_map
 from dml_ray.explain.interactive import box_coverage_mask, partial_query, rank_gallery
 from dml_ray.explore.index import run_checkpoint, run_index
 from dml_ray.explore.model import load_model
+from dml_ray.explore.projection import project_2d
 from dml_ray.io.run import Run
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,4 @@ class Explorer:
     # ---- projection ----
     def projection(self) -> np.ndarray:
         """2-D PCA of the stored embeddings (N x 2), rows in ``self.ids`` order."""
-        from sklearn.decomposition import PCA
-
-        x = self.embeddings.numpy()
-        return PCA(n_components=2, random_state=0).fit_transform(x).astype(np.float32) if len(x) > 2 else \
-            np.zeros((len(x), 2), np.float32)
+        return project_2d(self.embeddings.numpy())
