@@ -60,6 +60,8 @@ def test_page_and_static_files_are_served(served) -> None:
     client = served["client"]
     assert "dml_ray explorer" in client.get("/").text
     assert "drawMap" in client.get("/static/app.js").text
+    css = client.get("/static/shared.css")  # the stylesheet the page links (shared with report.html)
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css") and ".match" in css.text
     assert client.get("/static/..%2Fexplorer.py").status_code == 404
     assert client.get("/docs").status_code == 404
 

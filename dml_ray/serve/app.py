@@ -16,7 +16,7 @@ from dml_ray.errors import BadInput
 from dml_ray.serve import explorer as limits
 from dml_ray.serve.explorer import Explorer
 
-STATIC = ("index.html", "app.js")
+STATIC = {"index.html": "text/html", "app.js": "text/javascript", "shared.css": "text/css"}
 MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
          ".webp": "image/webp", ".bmp": "image/bmp"}
 
@@ -55,7 +55,7 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
     def static(name: str) -> Response:
         if name not in STATIC:
             raise HTTPException(404, "no such file")
-        return Response(_static(name), media_type="text/javascript" if name.endswith(".js") else "text/html")
+        return Response(_static(name), media_type=STATIC[name])
 
     @app.get("/api/info")
     def info() -> dict:
