@@ -116,7 +116,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=32)
     parser.add_argument("--size", type=int, default=80, help="image side in px (the demo's)")
-    parser.add_argument("--workers", type=int, default=1, help="train.num_workers of the project run")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="train.num_workers of the project run (0: the loop in the driver, the small-run choice)")
     parser.add_argument("--epochs", type=int, default=8, help="train.epochs (the demo's 8)")
     parser.add_argument("--threads", type=int, default=None,
                         help="num_threads of the project run (default: the cores divided among the train workers)")
