@@ -266,3 +266,37 @@ def test_browser_drives_the_explorer(served, tmp_path) -> None:
         browser.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_serve_deployment_answers_like_the_app(served, ray_session) -> None:
+    """``dml-ray serve --ray-serve``'s deployment (one replica, loopback) answers real HTTP requests exactly as the
+    single-process app does, and the token rule holds there too."""
+    import requests
+
+    from dml_ray.config import ServeConfig
+    from pipelines.explorer_serve import deploy_explorer, undeploy_explorer
+
+    cfg = ServeConfig(ray_serve=True, port=_free_port(), replicas=1)
+    url = deploy_explorer(os.path.join(served["root"], "out"), "s1", None, cfg, token="s3cret")
+    try:
+        assert url == f"http://127.0.0.1:{cfg.port}/"
+        auth = {"Authorization": "Bearer s3cret"}
+        assert requests.get(url + "api/info", timeout=30).status_code == 401
+        got = requests.get(url + "api/info", headers=auth, timeout=30)
+        assert got.status_code == 200 and got.json() == served["client"].get("/api/info").json()
+        for query in ("c0_1", "c2_3"):
+            got = requests.get(url + "api/topk", params={"id": query, "k": 5}, headers=auth, timeout=30).json()
+            assert got == served["client"].get("/api/topk", params={"id": query, "k": 5}).json()
+        assert requests.get(url + "api/topk", params={"id": "../x"}, headers=auth, timeout=30).status_code == 404
+    finally:
+        undeploy_explorer()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "api/info", timeout=5)

@@ -7,6 +7,7 @@ DESIGN.md "The one invariant behind every activation map"): ``explain.batch.refe
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from functools import lru_cache
@@ -36,7 +37,8 @@ DEFAULT_METHODS = ("decomposition", "decomposition_bias", "distcam")
 class Explorer:
     """A run opened for interactive use: its index, stored embeddings and feature maps, and its model's head."""
 
-    def __init__(self, run: Run, methods: Optional[list[str]] = None, cache_size: int = 1024) -> None:
+    def __init__(self, run: Run, methods: Optional[list[str]] = None, cache_size: int = 1024,
+                 use_gpu: bool = False) -> None:
         self.run = run
         explain = (run.manifest.get("config") or {}).get("explain") or {}
         self.methods = list(methods or explain.get("methods") or DEFAULT_METHODS)
@@ -54,8 +56,10 @@ class Explorer:
             if images is not None else {}
         self.class_names = dict(zip(images.column("image_id").to_pylist(), images.column("class_name").to_pylist())) \
             if images is not None else {}
-        self.embedder = load_model(run_checkpoint(run), run.storage_options)
-        self.head = self.embedder.model.head.eval()
+        # uploads run the backbone on CUDA when asked for and present; stored maps need only the head, kept on CPU
+        self.embedder = load_model(run_checkpoint(run), run.storage_options, use_gpu=use_gpu)
+        head = self.embedder.model.head
+        self.head = (copy.deepcopy(head).cpu() if self.embedder.device.type != "cpu" else head).eval()
         self.image_size = (self.embedder.image_size, self.embedder.image_size)
         self._store: Optional[tuple[dict[str, int], np.ndarray, tuple[int, int, int]]] = None
         self._features = lru_cache(maxsize=cache_size)(self._read_features)
@@ -188,11 +192,11 @@ class Explorer:
         """One forward of an uploaded image: its top-k, its embedding, and the configured maps of the upload
         against its first ``maps_for`` hits (the hits' stored feature maps; empty when the run stores none)."""
         out = self.embedder.forward(self.embedder.tensors([self.check_upload(data)]))
-        vector = out.embedding.float().numpy()
+        vector = out.embedding.float().cpu().numpy()
         hits = self._hits(self.index.search(vector, k), None, None, k)
         maps: dict[str, dict[str, np.ndarray]] = {}
         if self.run.committed("feature_maps"):
-            a_q = out.feature_map.float()
+            a_q = out.feature_map.float().cpu()
             for hit in hits[:maps_for]:
                 a_r, _, raw_r, bias_r = self._features(hit["image_id"])
                 arrays, _ = reference_maps(self.head, a_q, raw_r[None], bias_r[None], a_r.mean(dim=(1, 2))[None],
