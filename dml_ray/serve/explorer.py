@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from dml_ray.config import DataConfig
 from dml_ray.errors import BadInput
 from dml_ray.explain.batch import reference_maps
 from dml_ray.explain.decomposition import pixel_to_grid, point_specific_map
@@ -25,6 +26,7 @@ from dml_ray.explain.interactive import box_coverage_mask, partial_query, rank_g
 from dml_ray.explore.index import run_checkpoint, run_index
 from dml_ray.explore.model import load_model
 from dml_ray.io.run import Run
+from dml_ray.serve.localization import LocalizationView, input_view_png
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class Explorer:
         head = self.embedder.model.head
         self.head = (copy.deepcopy(head).cpu() if self.embedder.device.type != "cpu" else head).eval()
         self.image_size = (self.embedder.image_size, self.embedder.image_size)
+        resize = self.embedder.resize  # the checkpoint's frame, for runs whose manifest has no data config
+        self.localization = LocalizationView(run, fallback=DataConfig(
+            image_size=self.embedder.image_size, resize=resize if isinstance(resize, int) else max(resize),
+            frame="resize_crop" if isinstance(resize, int) else "resize"))
         self._store: Optional[tuple[dict[str, int], np.ndarray, tuple[int, int, int]]] = None
         self._features = lru_cache(maxsize=cache_size)(self._read_features)
         self.pair_maps = lru_cache(maxsize=cache_size)(self._pair_maps)
@@ -80,6 +86,10 @@ class Explorer:
         if uri is None:
             raise KeyError(f"image {image_id!r} has no uri in the images table")
         return self.run.read_input(uri)
+
+    def input_view(self, image_id: str) -> bytes:
+        """A stored image in the model-input frame (resize + centre crop) as PNG: the frame of localization boxes."""
+        return input_view_png(self.image_bytes(image_id), self.localization.data)
 
     # ---- gallery, top-k ----
     def gallery(self, split: Optional[str] = None, label: Optional[int] = None, offset: int = 0,
