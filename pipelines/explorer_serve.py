@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import torch
 from fastapi import FastAPI
 from ray import serve
 
@@ -31,8 +30,8 @@ class ExplorerReplica:
     """One replica: opens the run, builds its explorer, then serves ``create_app``'s app."""
 
     def __init__(self, root: str, run_id: str, storage_options: Optional[dict], token: Optional[str],
-                 use_gpu: bool, num_threads: int) -> None:
-        torch.set_num_threads(num_threads)  # Ray reuses worker processes: torch keeps its first thread count
+                 use_gpu: bool) -> None:
+        # one torch / faiss thread per replica process (Explorer's default): replicas and concurrent requests scale
         self.explorer = Explorer(open_run(root, run_id, storage_options), use_gpu=use_gpu)
         self.token = token
 
@@ -54,8 +53,7 @@ def deploy_explorer(root: str, run_id: Optional[str], storage_options: Optional[
     deployment = serve.deployment(
         name="explorer", num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica})(ExplorerReplica)
-    serve.run(deployment.bind(root, run.run_id, storage_options, token, cfg.gpus_per_replica > 0,
-                              max(1, int(cfg.cpus_per_replica))),
+    serve.run(deployment.bind(root, run.run_id, storage_options, token, cfg.gpus_per_replica > 0),
               name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.host}:{cfg.port}/"
     log.info("explorer of run %s on Ray Serve (%d replica(s)) at %s", run.run_id, cfg.replicas, url)

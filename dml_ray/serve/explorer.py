@@ -13,6 +13,7 @@ import logging
 from functools import lru_cache
 from typing import Any, Optional
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import torch
@@ -40,7 +41,14 @@ class Explorer:
     """A run opened for interactive use: its index, stored embeddings and feature maps, and its model's head."""
 
     def __init__(self, run: Run, methods: Optional[list[str]] = None, cache_size: int = 1024,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, num_threads: Optional[int] = 1) -> None:
+        """``num_threads``: torch and faiss threads of this process (None leaves them). A request's math is
+        milliseconds of small tensor ops; on a busy machine two OpenMP threads per op stalled at their barriers and
+        made every request 5-50 x slower (bench/serve_latency.py, BENCHMARKS.md): serve concurrency comes from
+        concurrent requests and Ray Serve replicas, not from threads inside one request."""
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+            faiss.omp_set_num_threads(num_threads)
         self.run = run
         explain = (run.manifest.get("config") or {}).get("explain") or {}
         self.methods = list(methods or explain.get("methods") or DEFAULT_METHODS)
