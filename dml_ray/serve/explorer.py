@@ -27,6 +27,7 @@ from dml_ray.explain.interactive import box_coverage_mask, partial_query, rank_g
 from dml_ray.explore.index import run_checkpoint, run_index
 from dml_ray.explore.model import load_model
 from dml_ray.io.run import Run
+from dml_ray.serve.feature_store import FeatureMapReader
 from dml_ray.serve.localization import LocalizationView, input_view_png
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ class Explorer:
         self.row_of = {i: r for r, i in enumerate(self.ids)}
         self.labels = np.asarray(emb.column("label").to_numpy(), np.int64)
         self.splits = emb.column("split").to_pylist()
-        self.embeddings = torch.from_numpy(
-            emb.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            .reshape(emb.num_rows, -1).astype(np.float32).copy())
+        self.embeddings = torch.from_numpy(np.array(  # one writable float32 copy of Arrow's read-only buffer
+            emb.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+            .reshape(emb.num_rows, -1))
         images = run.read("images", columns=["image_id", "uri", "class_name"]) if run.committed("images") else None
         self.uris = dict(zip(images.column("image_id").to_pylist(), images.column("uri").to_pylist())) \
             if images is not None else {}
@@ -75,7 +76,7 @@ class Explorer:
         self.localization = LocalizationView(run, fallback=DataConfig(
             image_size=self.embedder.image_size, resize=resize if isinstance(resize, int) else max(resize),
             frame="resize_crop" if isinstance(resize, int) else "resize"))
-        self._store: Optional[tuple[dict[str, int], np.ndarray, tuple[int, int, int]]] = None
+        self._reader: Optional[FeatureMapReader] = None
         self._features = lru_cache(maxsize=cache_size)(self._read_features)
         self.pair_maps = lru_cache(maxsize=cache_size)(self._pair_maps)
 
@@ -126,26 +127,18 @@ class Explorer:
         return out[:k]
 
     # ---- maps from stored feature maps + the head ----
-    def _feature_store(self) -> tuple[dict[str, int], np.ndarray, tuple[int, int, int]]:
-        """The stored feature maps, read once into memory (N x C·H·W float16; N·C·H·W·2 bytes): a per-id Parquet
-        scan costs seconds per request at 10k rows (bench/serve_latency.py)."""
-        if self._store is None:
-            t = self.run.read("feature_maps", columns=["image_id", "channels", "map_h", "map_w", "feature_map"])
-            if t.num_rows == 0:
+    def _feature_maps(self) -> FeatureMapReader:
+        """The stored feature maps, opened on first use (ids and row positions only; rows are read on demand)."""
+        if self._reader is None:
+            if not self.run.committed("feature_maps"):
                 raise KeyError("the run has no stored feature maps (embed.feature_maps was off?)")
-            shape = tuple(int(t.column(n)[0].as_py()) for n in ("channels", "map_h", "map_w"))
-            flat = t.column("feature_map").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            self._store = ({i: r for r, i in enumerate(t.column("image_id").to_pylist())},
-                           np.asarray(flat, np.float16).reshape(t.num_rows, -1), shape)
-        return self._store
+            self._reader = FeatureMapReader(self.run)
+        return self._reader
 
     def _read_features(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(feature map C x H x W, equivalent features H x W x d, raw embedding d, bias d) of a stored image."""
         self.check_id(image_id)
-        rows, maps, shape = self._feature_store()
-        if image_id not in rows:
-            raise KeyError(f"no stored feature map for {image_id!r} (embed.feature_maps was off?)")
-        return self._features_of(torch.from_numpy(maps[rows[image_id]].astype(np.float32).reshape(shape)))
+        return self._features_of(torch.from_numpy(self._feature_maps().get(image_id).astype(np.float32)))
 
     def _features_of(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
