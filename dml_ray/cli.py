@@ -254,9 +254,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from pipelines.explorer_serve import deploy_explorer, undeploy_explorer
 
-        url = deploy_explorer(root, args.run, storage_options, cfg, token=args.token)
-        print(f"explorer on Ray Serve ({cfg.replicas} replica(s)): {url}{suffix}  (Ctrl-C stops it)")
-        try:
+        try:  # Ctrl-C, even during the deployment, removes the application
+            url = deploy_explorer(root, args.run, storage_options, cfg, token=args.token)
+            print(f"explorer on Ray Serve ({cfg.replicas} replica(s)): {url}{suffix}  (Ctrl-C stops it)", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

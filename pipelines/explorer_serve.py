@@ -63,6 +63,10 @@ def deploy_explorer(root: str, run_id: Optional[str], storage_options: Optional[
 def undeploy_explorer(shutdown: bool = True) -> None:
     """Remove the explorer application; ``shutdown`` also stops Serve's controller and proxies (the default for a
     Serve this process started; a shared cluster's other applications keep running with ``shutdown=False``)."""
+    import ray
+
+    if not ray.is_initialized():  # the deployment never got as far as Ray
+        return
     if shutdown:
         serve.shutdown()
     else:

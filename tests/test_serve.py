@@ -216,6 +216,9 @@ def test_serve_refuses_a_public_host_without_token(served, capsys) -> None:
 
     assert main(["serve", "--root", os.path.join(served["root"], "out"), "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
+    # replicas and GPUs are Ray Serve's: refused, before anything starts, without --ray-serve
+    assert main(["serve", "--root", os.path.join(served["root"], "out"), "--replicas", "2"]) == 2
+    assert "--ray-serve" in capsys.readouterr().err
 
 
 def test_localization_view_equals_the_tables(served) -> None:
