@@ -370,6 +370,7 @@ def test_browser_drives_the_explorer(served, tmp_path) -> None:
 
         browser.find_element(By.CSS_SELECTOR, "#gallery img[data-id='c1_0']").click()
         wait.until(lambda b: state("mapsShown") and state("query") == "c1_0")
+        browser.execute_script("window.scrollTo(0, 0);")  # the localization view scrolled the page
         shot = os.environ.get("DML_RAY_EXPLORER_SCREENSHOT") or str(tmp_path / "explorer.png")
         assert browser.save_screenshot(shot)
     finally:
