@@ -85,6 +85,38 @@ def _localize(run, images: pa.Table, rng: np.random.Generator) -> None:
     run.commit("metrics", metrics_rows(counters, run.run_id), part="localize")
 
 
+def test_feature_maps_are_read_a_row_group_at_a_time(tmp_path) -> None:
+    """A committed feature_maps table has ~4 MiB row groups with plain (not dictionary) float16 pages, and the
+    explorer's reader returns each image's row while holding no more decoded groups than its byte budget."""
+    import pyarrow.parquet as pq
+
+    from dml_ray.serve.feature_store import FeatureMapReader
+
+    run = dml_ray.open_run(str(tmp_path), "fm", create=True)
+    n, channels = 48, 2048  # 2048 x 7 x 7 float16: ~200 KB a row, so ~20 rows a group
+    maps = np.random.default_rng(0).standard_normal((n, channels * 49)).astype(np.float16)
+    ids = [f"i{r:02d}" for r in range(n)]
+    run.commit("feature_maps", pa.table({
+        "run_id": ["fm"] * n, "image_id": ids, "label": pa.array(np.arange(n) % 3, pa.int64()), "split": ["test"] * n,
+        "model_id": ["m"] * n, "channels": pa.array([channels] * n, pa.int32()),
+        "map_h": pa.array([7] * n, pa.int32()), "map_w": pa.array([7] * n, pa.int32()),
+        "feature_map": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * channels * 49),
+                                                pa.array(maps.reshape(-1), pa.float16()))}))
+    meta = pq.ParquetFile(run.files("feature_maps")[0]).metadata
+    assert meta.num_row_groups >= 2
+    column = meta.schema.names.index("element")  # feature_map's leaf
+    assert "RLE_DICTIONARY" not in meta.row_group(0).column(column).encodings
+    group_bytes = meta.row_group(0).num_rows * channels * 49 * 2
+    reader = FeatureMapReader(run, cache_bytes=group_bytes)
+    assert len(reader) == n and reader.shape == (channels, 7, 7)
+    for r in (0, n - 1, 1, n // 2):
+        np.testing.assert_array_equal(reader.get(ids[r]).reshape(-1), maps[r])
+        assert reader._cached <= group_bytes and len(reader._groups) == 1
+    with pytest.raises(KeyError):
+        reader.get("nope")
+    reader.close()
+
+
 def test_page_and_static_files_are_served(served) -> None:
     client = served["client"]
     assert "dml_ray explorer" in client.get("/").text
