@@ -256,17 +256,37 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from dml_ray.config import ServeConfig
     from dml_ray.io.run import open_run
-    from dml_ray.serve.app import create_app
-    from dml_ray.serve.explorer import Explorer
 
     if args.host not in LOOPBACK and not args.token:
         raise ValueError(f"--host {args.host}: beyond loopback the explorer needs --token")
+    cfg = ServeConfig(host=args.host, port=args.port, ray_serve=args.ray_serve, replicas=args.replicas,
+                      cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
     root, storage_options = _root_and_storage(args)
+    suffix = f"?token={args.token}" if args.token else ""
+    if cfg.ray_serve:
+        import time
+
+        from pipelines.explorer_serve import deploy_explorer, undeploy_explorer
+
+        try:  # Ctrl-C, even during the deployment, removes the application
+            url = deploy_explorer(root, args.run, storage_options, cfg, token=args.token)
+            print(f"explorer on Ray Serve ({cfg.replicas} replica(s)): {url}{suffix}  (Ctrl-C stops it)", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:  # a joined cluster's other Serve applications keep running
+            undeploy_explorer(shutdown=not os.environ.get("RAY_ADDRESS"))
+        return 0
+    import uvicorn
+
+    from dml_ray.serve.app import create_app
+    from dml_ray.serve.explorer import Explorer
+
     app = create_app(Explorer(open_run(root, args.run, storage_options)), token=args.token)
-    print(f"explorer: http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else ""))
+    print(f"explorer: http://{args.host}:{args.port}/{suffix}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -380,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="default loopback; any other needs --token")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="required on every request (Bearer header or ?token=)")
+    p.add_argument("--ray-serve", action="store_true", help="deploy the same app on Ray Serve (joins RAY_ADDRESS, "
+                                                            "else a private local Ray instance)")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray-serve; default 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (with --ray-serve)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs per replica (with --ray-serve; default 0): uploads' forward pass runs on CUDA")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables of a run, or of every run")

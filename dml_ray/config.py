@@ -362,6 +362,26 @@ class StorageConfig(Strict):
                                        description="URI schemes a run may read or write (fsspec protocols)")
 
 
+class ServeConfig(Strict):
+    """How ``dml-ray serve`` serves the explorer: one uvicorn process, or a Ray Serve deployment of N replicas."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address; anything beyond loopback needs a token")
+    port: int = Field(8000, ge=1, le=65535)
+    ray_serve: bool = Field(False, description="deploy the app on Ray Serve (RAY_ADDRESS, else a private local "
+                                               "Ray instance) instead of one uvicorn process")
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas of the app (ray_serve only)")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica (ray_serve only)")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; > 0 runs uploads' forward pass on "
+                                                           "CUDA (ray_serve only)")
+
+    @model_validator(mode="after")
+    def _replicas_need_ray_serve(self) -> "ServeConfig":
+        if not self.ray_serve and (self.replicas != 1 or self.gpus_per_replica or self.cpus_per_replica != 1.0):
+            raise ValueError("serve: replicas, cpus_per_replica and gpus_per_replica apply to ray_serve only "
+                             "(--ray-serve)")
+        return self
+
+
 # schemes whose files live inside one process: Ray's workers (other processes) cannot see them
 PROCESS_LOCAL_SCHEMES = ("memory",)
 

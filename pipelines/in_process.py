@@ -20,6 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from dml_ray.io.tables import dictionary_columns, row_group_rows
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -104,8 +106,9 @@ def write_parquet_stream(tables: Iterable[pa.Table], folder: str, filesystem: pa
             if writer is None:
                 # not part-*.parquet: commit_table renames a staging folder's files to part-NNNNN.parquet in
                 # sorted order, and a file already so named would be overwritten by another one's rename
-                writer = pq.ParquetWriter(f"{folder}/batches-00000.parquet", table.schema, filesystem=filesystem)
-            writer.write_table(table.cast(writer.schema))
+                writer = pq.ParquetWriter(f"{folder}/batches-00000.parquet", table.schema, filesystem=filesystem,
+                                          use_dictionary=dictionary_columns(table.schema))
+            writer.write_table(table.cast(writer.schema), row_group_size=row_group_rows(table))
             rows += table.num_rows
     finally:
         if writer is not None:

@@ -37,8 +37,9 @@ def served(tmp_path_factory):
         for j in range(4):
             path = os.path.join(root, f"c{label}_{j}.png")
             Image.fromarray(rng.integers(0, 255, size=(36, 40, 3), dtype=np.uint8)).save(path)
+            bbox = {"x": 4.0 + 3 * j, "y": 2.0 + 2 * label, "w": 20.0, "h": 16.0} if (label, j) != (0, 3) else None
             rows.append({"image_id": f"c{label}_{j}", "uri": path, "label": label, "class_name": f"class{label}",
-                         "split": "test", "bbox": None, "width": 40, "height": 36})
+                         "split": "test", "bbox": bbox, "width": 40, "height": 36})
     images = pa.Table.from_pylist(rows)
     run = dml_ray.open_run(os.path.join(root, "out"), "s1", create=True)
     torch.manual_seed(0)
@@ -52,8 +53,68 @@ def served(tmp_path_factory):
     run.commit("images", validate_images(images))
     run.commit("feature_maps", out.select(FEATURE_MAP_COLUMNS))
     run.commit("embeddings", out.select(EMBEDDING_COLUMNS))
+    _localize(run, images, rng)
     explorer = Explorer(run)
     return {"run": run, "explorer": explorer, "client": TestClient(create_app(explorer)), "root": root}
+
+
+def _localize(run, images: pa.Table, rng: np.random.Generator) -> None:
+    """The localize stage's own code (pipelines.localize) on random 4 x 4 maps of two methods: the run's
+    ``localization`` table and its localize ``metrics``, in the input frame of the run's data config."""
+    from dml_ray.config import DataConfig, LocalizeConfig
+    from pipelines.localize import ground_truth, localize_groups, metrics_rows
+
+    data = DataConfig(image_size=SIZE, resize=SIZE, frame="resize_crop")
+    run.update_manifest(config={"data": data.model_dump(mode="json")})
+    ids = [i for i in images.column("image_id").to_pylist()]
+    methods = ["decomposition", "distcam"]
+    maps = pa.table({
+        "image_id": pa.array([i for _ in methods for i in ids]),
+        "reference_id": pa.array([i for _ in methods for i in ids]),
+        "reference_kind": pa.array(["neighbor"] * (len(methods) * len(ids))),
+        "method": pa.array([m for m in methods for _ in ids]),
+        "map_h": pa.array([4] * (len(methods) * len(ids)), pa.int32()),
+        "map_w": pa.array([4] * (len(methods) * len(ids)), pa.int32()),
+        "map": pa.array(list(rng.random((len(methods) * len(ids), 16), dtype=np.float32)), pa.list_(pa.float32())),
+    })
+    labels = dict(zip(ids, images.column("label").to_pylist()))
+    splits = dict(zip(ids, images.column("split").to_pylist()))
+    rows, counters = localize_groups(maps, ground_truth(images, data), labels, splits,
+                                     LocalizeConfig(threshold_interval=0.25), SIZE, run.run_id)
+    run.commit("localization", rows)
+    run.commit("metrics", metrics_rows(counters, run.run_id), part="localize")
+
+
+def test_feature_maps_are_read_a_row_group_at_a_time(tmp_path) -> None:
+    """A committed feature_maps table has ~4 MiB row groups with plain (not dictionary) float16 pages, and the
+    explorer's reader returns each image's row while holding no more decoded groups than its byte budget."""
+    import pyarrow.parquet as pq
+
+    from dml_ray.serve.feature_store import FeatureMapReader
+
+    run = dml_ray.open_run(str(tmp_path), "fm", create=True)
+    n, channels = 48, 2048  # 2048 x 7 x 7 float16: ~200 KB a row, so ~20 rows a group
+    maps = np.random.default_rng(0).standard_normal((n, channels * 49)).astype(np.float16)
+    ids = [f"i{r:02d}" for r in range(n)]
+    run.commit("feature_maps", pa.table({
+        "run_id": ["fm"] * n, "image_id": ids, "label": pa.array(np.arange(n) % 3, pa.int64()), "split": ["test"] * n,
+        "model_id": ["m"] * n, "channels": pa.array([channels] * n, pa.int32()),
+        "map_h": pa.array([7] * n, pa.int32()), "map_w": pa.array([7] * n, pa.int32()),
+        "feature_map": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * channels * 49),
+                                                pa.array(maps.reshape(-1), pa.float16()))}))
+    meta = pq.ParquetFile(run.files("feature_maps")[0]).metadata
+    assert meta.num_row_groups >= 2
+    column = meta.schema.names.index("element")  # feature_map's leaf
+    assert "RLE_DICTIONARY" not in meta.row_group(0).column(column).encodings
+    group_bytes = meta.row_group(0).num_rows * channels * 49 * 2
+    reader = FeatureMapReader(run, cache_bytes=group_bytes)
+    assert len(reader) == n and reader.shape == (channels, 7, 7)
+    for r in (0, n - 1, 1, n // 2):
+        np.testing.assert_array_equal(reader.get(ids[r]).reshape(-1), maps[r])
+        assert reader._cached <= group_bytes and len(reader._groups) == 1
+    with pytest.raises(KeyError):
+        reader.get("nope")
+    reader.close()
 
 
 def test_page_and_static_files_are_served(served) -> None:
@@ -189,6 +250,58 @@ def test_serve_refuses_a_public_host_without_token(served, capsys) -> None:
 
     assert main(["serve", "--root", os.path.join(served["root"], "out"), "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
+    # replicas and GPUs are Ray Serve's: refused, before anything starts, without --ray-serve
+    assert main(["serve", "--root", os.path.join(served["root"], "out"), "--replicas", "2"]) == 2
+    assert "--ray-serve" in capsys.readouterr().err
+
+
+def test_localization_view_equals_the_tables(served) -> None:
+    """The localization endpoints serve the run's localization rows unchanged (predicted box, IoU, correct), the
+    ground truth carried into the input frame as the localize stage carries it, best or worst IoU first, at the
+    metrics table's best threshold by default; the input-frame view of an image is the model's crop."""
+    import pyarrow.compute as pc
+
+    from dml_ray.config import DataConfig
+    from dml_ray.data.transforms import decode_image, display_view
+    from pipelines.localize import ground_truth
+
+    client, run = served["client"], served["run"]
+    options = client.get("/api/localization/options").json()
+    assert options["available"]
+    assert [(o["method"], o["reference_kind"]) for o in options["options"]] == [("decomposition", "neighbor"),
+                                                                                ("distcam", "neighbor")]
+    metrics = run.read("metrics", "localize").to_pylist()
+    best = next(m["value"] for m in metrics if m["metric"] == "loc_best_threshold/neighbor/distcam" and
+                m["split"] == "test")
+    assert options["options"][1]["best_threshold"] == pytest.approx(best)
+    table = run.read("localization")
+    gt = ground_truth(run.read("images"), DataConfig(image_size=SIZE, resize=SIZE, frame="resize_crop"))
+    for order in ("best", "worst"):
+        body = client.get("/api/localization", params={"method": "distcam", "reference_kind": "neighbor",
+                                                       "order": order, "limit": 100}).json()
+        assert body["threshold"] == pytest.approx(best) and body["frame"] == [SIZE, SIZE]
+        mine = table.filter(pc.and_(pc.equal(table.column("method"), "distcam"),
+                                    pc.equal(table.column("threshold"), pa.scalar(body["threshold"], pa.float32()))))
+        want = sorted(mine.to_pylist(), key=lambda r: ((-1 if order == "best" else 1) * r["iou"], r["image_id"]))
+        assert body["total"] == len(want) == 11  # c0_3 has no box: the stage skipped it
+        assert [r["image_id"] for r in body["rows"]] == [r["image_id"] for r in want]
+        for got, row in zip(body["rows"], want):
+            assert got["box"] == row["box"] and got["iou"] == row["iou"] and got["correct"] == row["correct"]
+            np.testing.assert_allclose(got["gt"], gt[row["image_id"]])
+    thresholds = body["thresholds"]
+    page = client.get("/api/localization", params={"method": "decomposition", "reference_kind": "neighbor",
+                                                   "threshold": thresholds[1], "offset": 2, "limit": 3}).json()
+    assert page["threshold"] == thresholds[1] and len(page["rows"]) == 3 and page["offset"] == 2
+    assert client.get("/api/localization", params={"method": "decomposition", "reference_kind": "neighbor",
+                                                   "threshold": 0.123}).status_code == 400
+    assert client.get("/api/localization", params={"method": "nope", "reference_kind": "neighbor"}).status_code == 404
+    assert client.get("/api/localization", params={"method": "distcam", "reference_kind": "neighbor",
+                                                   "order": "random"}).status_code == 422
+    view = client.get("/api/view/c1_2")
+    assert view.status_code == 200 and view.headers["content-type"] == "image/png"
+    want = display_view(decode_image(open(os.path.join(served["root"], "c1_2.png"), "rb").read()), SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(view.content))), want.numpy())
+    assert client.get("/api/view/..%2F..%2Fetc%2Fpasswd").status_code == 404
 
 
 def test_browser_drives_the_explorer(served, tmp_path) -> None:
@@ -260,11 +373,75 @@ def test_browser_drives_the_explorer(served, tmp_path) -> None:
         assert uploaded == [h["image_id"] for h in ex.upload_topk(open(path, "rb").read(), 10)[0]]
         assert len(browser.find_elements(By.CSS_SELECTOR, "#topk .hit")[0].find_elements(By.CSS_SELECTOR,
                                                                                           "canvas.map")) == len(ex.methods)
+        # localization view: choose a method and best-first; the boxes drawn are the table's for that image
+        import pyarrow.compute as pc
+        from selenium.webdriver.support.ui import Select
+
+        wait.until(lambda b: state("locShown"))
+        Select(browser.find_element(By.ID, "locmethod")).select_by_value("distcam|neighbor")
+        wait.until(lambda b: state("locShown") and state("loc.method") == "distcam")
+        Select(browser.find_element(By.ID, "locorder")).select_by_value("best")
+        wait.until(lambda b: state("locShown") and state("loc.order") == "best")
+        threshold = state("loc.threshold")
+        table = served["run"].read("localization")
+        rows = table.filter(pc.and_(pc.equal(table.column("method"), "distcam"), pc.equal(
+            table.column("threshold"), pa.scalar(threshold, pa.float32())))).to_pylist()
+        rows.sort(key=lambda r: (-r["iou"], r["image_id"]))
+        shown = browser.find_elements(By.CSS_SELECTOR, "#localization .loc")
+        assert [d.get_attribute("data-id") for d in shown] == [r["image_id"] for r in rows]
+        first, row = shown[0], rows[0]
+        assert json_loads(first.get_attribute("data-box")) == row["box"]
+        assert float(first.get_attribute("data-iou")) == row["iou"]
+        np.testing.assert_allclose(json_loads(first.get_attribute("data-gt")),
+                                   served["explorer"].localization.ground_truth(row["image_id"]))
+        wait.until(lambda b: first.find_element(By.TAG_NAME, "canvas").get_attribute("data-drawn") == "1")
+        x0, y0, x1, y1 = row["box"]  # the predicted box's left edge is painted red where the table puts it
+        pixel = browser.execute_script(
+            "const c = arguments[0]; return Array.from(c.getContext('2d').getImageData(arguments[1], arguments[2], "
+            "1, 1).data);", first.find_element(By.TAG_NAME, "canvas"), min(round(4 * x0), 4 * SIZE - 1),
+            round(2 * (y0 + y1)))
+        assert pixel[0] > 150 and pixel[1] < 100 and pixel[2] < 100, pixel
+
         browser.find_element(By.CSS_SELECTOR, "#gallery img[data-id='c1_0']").click()
         wait.until(lambda b: state("mapsShown") and state("query") == "c1_0")
+        browser.execute_script("window.scrollTo(0, 0);")  # the localization view scrolled the page
         shot = os.environ.get("DML_RAY_EXPLORER_SCREENSHOT") or str(tmp_path / "explorer.png")
         assert browser.save_screenshot(shot)
     finally:
         browser.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_serve_deployment_answers_like_the_app(served, ray_session) -> None:
+    """``dml-ray serve --ray-serve``'s deployment (one replica, loopback) answers real HTTP requests exactly as the
+    single-process app does, and the token rule holds there too."""
+    import requests
+
+    from dml_ray.config import ServeConfig
+    from pipelines.explorer_serve import deploy_explorer, undeploy_explorer
+
+    cfg = ServeConfig(ray_serve=True, port=_free_port(), replicas=1)
+    url = deploy_explorer(os.path.join(served["root"], "out"), "s1", None, cfg, token="s3cret")
+    try:
+        assert url == f"http://127.0.0.1:{cfg.port}/"
+        auth = {"Authorization": "Bearer s3cret"}
+        assert requests.get(url + "api/info", timeout=30).status_code == 401
+        got = requests.get(url + "api/info", headers=auth, timeout=30)
+        assert got.status_code == 200 and got.json() == served["client"].get("/api/info").json()
+        for query in ("c0_1", "c2_3"):
+            got = requests.get(url + "api/topk", params={"id": query, "k": 5}, headers=auth, timeout=30).json()
+            assert got == served["client"].get("/api/topk", params={"id": query, "k": 5}).json()
+        assert requests.get(url + "api/topk", params={"id": "../x"}, headers=auth, timeout=30).status_code == 404
+    finally:
+        undeploy_explorer()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "api/info", timeout=5)

@@ -156,7 +156,8 @@ class Run:
         """Write one Parquet file of a staged table (sharded writers: one call per shard, then :meth:`commit`)."""
         fs, path = self.pyarrow_fs(staging)
         fs.create_dir(path, recursive=True)
-        pq.write_table(table, f"{path}/part-{index:05d}.parquet", filesystem=fs)
+        pq.write_table(table, f"{path}/part-{index:05d}.parquet", filesystem=fs, row_group_size=tables.row_group_rows(table),
+                       use_dictionary=tables.dictionary_columns(table.schema))
 
     def discard(self, staging: str) -> None:
         """Remove a staging folder that will not be committed."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hmac
 from importlib import resources
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -75,6 +75,11 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
         media = next((m for ext, m in MEDIA.items() if uri.endswith(ext)), "application/octet-stream")
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
+    @app.get("/api/view/{image_id:path}")
+    def view(image_id: str) -> Response:
+        return Response(explorer.input_view(image_id), media_type="image/png",
+                        headers={"Cache-Control": "max-age=3600"})
+
     @app.get("/api/topk")
     def topk(id: str, k: int = Query(10, ge=1, le=100)) -> list:  # noqa: A002 - the query parameter's name
         return explorer.topk(id, k)
@@ -106,6 +111,17 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
                 raise BadInput(f"upload exceeds {limits.MAX_UPLOAD_BYTES} bytes")
         hits, _, maps = explorer.upload_topk(data, k)
         return {"topk": hits, "maps": {ref: {m: v.tolist() for m, v in per.items()} for ref, per in maps.items()}}
+
+    @app.get("/api/localization/options")
+    def localization_options() -> dict:
+        view = explorer.localization
+        return {"available": view.available, "options": view.options() if view.available else []}
+
+    @app.get("/api/localization")
+    def localization(method: str, reference_kind: str, threshold: Optional[float] = None,
+                     order: Literal["best", "worst"] = "worst", offset: int = Query(0, ge=0),
+                     limit: int = Query(24, ge=1, le=500)) -> dict:
+        return explorer.localization.rows(method, reference_kind, threshold, order, offset, limit)
 
     @app.get("/api/projection")
     def projection() -> dict:

@@ -7,16 +7,19 @@ DESIGN.md "The one invariant behind every activation map"): ``explain.batch.refe
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from functools import lru_cache
 from typing import Any, Optional
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
+from dml_ray.config import DataConfig
 from dml_ray.errors import BadInput
 from dml_ray.explain.batch import reference_maps
 from dml_ray.explain.decomposition import pixel_to_grid, point_specific_map
@@ -25,6 +28,8 @@ from dml_ray.explore.index import run_checkpoint, run_index
 from dml_ray.explore.model import load_model
 from dml_ray.explore.projection import project_2d
 from dml_ray.io.run import Run
+from dml_ray.serve.feature_store import FeatureMapReader
+from dml_ray.serve.localization import LocalizationView, input_view_png
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,15 @@ DEFAULT_METHODS = ("decomposition", "decomposition_bias", "distcam")
 class Explorer:
     """A run opened for interactive use: its index, stored embeddings and feature maps, and its model's head."""
 
-    def __init__(self, run: Run, methods: Optional[list[str]] = None, cache_size: int = 1024) -> None:
+    def __init__(self, run: Run, methods: Optional[list[str]] = None, cache_size: int = 1024,
+                 use_gpu: bool = False, num_threads: Optional[int] = 1) -> None:
+        """``num_threads``: torch and faiss threads of this process (None leaves them). A request's math is
+        milliseconds of small tensor ops; on a busy machine two OpenMP threads per op stalled at their barriers and
+        made every request 5-50 x slower (bench/serve_latency.py, BENCHMARKS.md): serve concurrency comes from
+        concurrent requests and Ray Serve replicas, not from threads inside one request."""
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+            faiss.omp_set_num_threads(num_threads)
         self.run = run
         explain = (run.manifest.get("config") or {}).get("explain") or {}
         self.methods = list(methods or explain.get("methods") or DEFAULT_METHODS)
@@ -47,18 +60,24 @@ class Explorer:
         self.row_of = {i: r for r, i in enumerate(self.ids)}
         self.labels = np.asarray(emb.column("label").to_numpy(), np.int64)
         self.splits = emb.column("split").to_pylist()
-        self.embeddings = torch.from_numpy(
-            emb.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            .reshape(emb.num_rows, -1).astype(np.float32).copy())
+        self.embeddings = torch.from_numpy(np.array(  # one writable float32 copy of Arrow's read-only buffer
+            emb.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+            .reshape(emb.num_rows, -1))
         images = run.read("images", columns=["image_id", "uri", "class_name"]) if run.committed("images") else None
         self.uris = dict(zip(images.column("image_id").to_pylist(), images.column("uri").to_pylist())) \
             if images is not None else {}
         self.class_names = dict(zip(images.column("image_id").to_pylist(), images.column("class_name").to_pylist())) \
             if images is not None else {}
-        self.embedder = load_model(run_checkpoint(run), run.storage_options)
-        self.head = self.embedder.model.head.eval()
+        # uploads run the backbone on CUDA when asked for and present; stored maps need only the head, kept on CPU
+        self.embedder = load_model(run_checkpoint(run), run.storage_options, use_gpu=use_gpu)
+        head = self.embedder.model.head
+        self.head = (copy.deepcopy(head).cpu() if self.embedder.device.type != "cpu" else head).eval()
         self.image_size = (self.embedder.image_size, self.embedder.image_size)
-        self._store: Optional[tuple[dict[str, int], np.ndarray, tuple[int, int, int]]] = None
+        resize = self.embedder.resize  # the checkpoint's frame, for runs whose manifest has no data config
+        self.localization = LocalizationView(run, fallback=DataConfig(
+            image_size=self.embedder.image_size, resize=resize if isinstance(resize, int) else max(resize),
+            frame="resize_crop" if isinstance(resize, int) else "resize"))
+        self._reader: Optional[FeatureMapReader] = None
         self._features = lru_cache(maxsize=cache_size)(self._read_features)
         self.pair_maps = lru_cache(maxsize=cache_size)(self._pair_maps)
 
@@ -77,6 +96,10 @@ class Explorer:
         if uri is None:
             raise KeyError(f"image {image_id!r} has no uri in the images table")
         return self.run.read_input(uri)
+
+    def input_view(self, image_id: str) -> bytes:
+        """A stored image in the model-input frame (resize + centre crop) as PNG: the frame of localization boxes."""
+        return input_view_png(self.image_bytes(image_id), self.localization.data)
 
     # ---- gallery, top-k ----
     def gallery(self, split: Optional[str] = None, label: Optional[int] = None, offset: int = 0,
@@ -105,26 +128,18 @@ class Explorer:
         return out[:k]
 
     # ---- maps from stored feature maps + the head ----
-    def _feature_store(self) -> tuple[dict[str, int], np.ndarray, tuple[int, int, int]]:
-        """The stored feature maps, read once into memory (N x C·H·W float16; N·C·H·W·2 bytes): a per-id Parquet
-        scan costs seconds per request at 10k rows (bench/serve_latency.py)."""
-        if self._store is None:
-            t = self.run.read("feature_maps", columns=["image_id", "channels", "map_h", "map_w", "feature_map"])
-            if t.num_rows == 0:
+    def _feature_maps(self) -> FeatureMapReader:
+        """The stored feature maps, opened on first use (ids and row positions only; rows are read on demand)."""
+        if self._reader is None:
+            if not self.run.committed("feature_maps"):
                 raise KeyError("the run has no stored feature maps (embed.feature_maps was off?)")
-            shape = tuple(int(t.column(n)[0].as_py()) for n in ("channels", "map_h", "map_w"))
-            flat = t.column("feature_map").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            self._store = ({i: r for r, i in enumerate(t.column("image_id").to_pylist())},
-                           np.asarray(flat, np.float16).reshape(t.num_rows, -1), shape)
-        return self._store
+            self._reader = FeatureMapReader(self.run)
+        return self._reader
 
     def _read_features(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(feature map C x H x W, equivalent features H x W x d, raw embedding d, bias d) of a stored image."""
         self.check_id(image_id)
-        rows, maps, shape = self._feature_store()
-        if image_id not in rows:
-            raise KeyError(f"no stored feature map for {image_id!r} (embed.feature_maps was off?)")
-        return self._features_of(torch.from_numpy(maps[rows[image_id]].astype(np.float32).reshape(shape)))
+        return self._features_of(torch.from_numpy(self._feature_maps().get(image_id).astype(np.float32)))
 
     def _features_of(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -189,11 +204,11 @@ class Explorer:
         """One forward of an uploaded image: its top-k, its embedding, and the configured maps of the upload
         against its first ``maps_for`` hits (the hits' stored feature maps; empty when the run stores none)."""
         out = self.embedder.forward(self.embedder.tensors([self.check_upload(data)]))
-        vector = out.embedding.float().numpy()
+        vector = out.embedding.float().cpu().numpy()
         hits = self._hits(self.index.search(vector, k), None, None, k)
         maps: dict[str, dict[str, np.ndarray]] = {}
         if self.run.committed("feature_maps"):
-            a_q = out.feature_map.float()
+            a_q = out.feature_map.float().cpu()
             for hit in hits[:maps_for]:
                 a_r, _, raw_r, bias_r = self._features(hit["image_id"])
                 arrays, _ = reference_maps(self.head, a_q, raw_r[None], bias_r[None], a_r.mean(dim=(1, 2))[None],

@@ -138,10 +138,69 @@ async function drawProjection() {
   };
 }
 
+// localization view: the run's localization rows (predicted box, IoU, correct) and the ground-truth box they were
+// scored against, on the image in the model-input frame; boxes are (x0, y0, x1, y1) in that frame's pixels
+const viewUrl = (id) => api("api/view/" + id.split("/").map(encodeURIComponent).join("/"));
+
+function drawBoxes(canvas, id, row, frame) {
+  const [h, w] = frame, ctx = canvas.getContext("2d"), img = new Image();
+  canvas.width = 4 * w; canvas.height = 4 * h;
+  const rect = (b, colour) => { ctx.strokeStyle = colour; ctx.lineWidth = 3;
+    ctx.strokeRect(4 * b[0], 4 * b[1], 4 * (b[2] - b[0]), 4 * (b[3] - b[1])); };
+  img.onload = () => {
+    ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+    if (row.gt) rect(row.gt, "#2a2");
+    rect(row.box, "#d22");
+    canvas.dataset.drawn = "1";
+  };
+  img.src = viewUrl(id);
+}
+
+async function showLocalization(threshold) {
+  const [method, kind] = q("#locmethod").value.split("|");
+  const p = new URLSearchParams({method: method, reference_kind: kind, order: q("#locorder").value, limit: "24"});
+  if (threshold !== undefined && threshold !== null) p.set("threshold", threshold);
+  state.locShown = false;
+  const ticket = state.locTicket = (state.locTicket || 0) + 1;
+  const res = await getJSON("api/localization?" + p.toString());
+  if (ticket !== state.locTicket) return;  // a later choice is on its way
+  const sel = q("#locthreshold"); sel.innerHTML = "";
+  for (const t of res.thresholds) {
+    const o = document.createElement("option"); o.value = String(t); o.textContent = t.toFixed(3);
+    if (t === res.threshold) o.selected = true;
+    sel.appendChild(o);
+  }
+  q("#locinfo").textContent = `${res.total} images`;
+  const box = q("#localization"); box.innerHTML = "";
+  for (const row of res.rows) {
+    const div = document.createElement("div"); div.className = "loc"; div.dataset.id = row.image_id;
+    div.dataset.box = JSON.stringify(row.box); div.dataset.gt = JSON.stringify(row.gt);
+    div.dataset.iou = String(row.iou);
+    const c = document.createElement("canvas"); drawBoxes(c, row.image_id, row, res.frame); div.appendChild(c);
+    div.appendChild(document.createElement("br"));
+    div.appendChild(document.createTextNode(`IoU ${row.iou.toFixed(3)} ${row.correct ? "correct" : "wrong"}`));
+    div.title = row.image_id; box.appendChild(div);
+  }
+  state.loc = res; state.locShown = true;
+}
+
+async function setupLocalization() {
+  const res = await getJSON("api/localization/options");
+  if (!res.available) { q("#locbar").textContent = "this run has no localization table (stage localize)"; return; }
+  for (const o of res.options) {
+    const opt = document.createElement("option"); opt.value = `${o.method}|${o.reference_kind}`;
+    opt.textContent = `${o.reference_kind}/${o.method}`; q("#locmethod").appendChild(opt);
+  }
+  q("#locmethod").onchange = () => showLocalization(null);  // the method's best threshold (metrics), else the middle
+  q("#locthreshold").onchange = () => showLocalization(q("#locthreshold").value);
+  q("#locorder").onchange = () => showLocalization(q("#locthreshold").value);
+  showLocalization(null);  // not awaited: a large table's first read must not hold up the page
+}
+
 (async () => {
   state.info = await getJSON("api/info");
   q("#runid").textContent = "run " + state.info.run_id;
   for (const s of state.info.splits) { const o = document.createElement("option"); o.textContent = s; q("#split").appendChild(o); }
-  await loadGallery(); await drawProjection();
+  await loadGallery(); await drawProjection(); await setupLocalization();
   document.body.dataset.ready = "1";
 })();
