@@ -429,18 +429,30 @@ def test_ray_serve_deployment_answers_like_the_app(served, ray_session) -> None:
     from dml_ray.config import ServeConfig
     from pipelines.explorer_serve import deploy_explorer, undeploy_explorer
 
-    cfg = ServeConfig(ray_serve=True, port=_free_port(), replicas=1)
+    gpus = 1 if ray_session.cluster_resources().get("GPU", 0) >= 1 else 0  # the replica's GPU path where one exists
+    cfg = ServeConfig(ray_serve=True, port=_free_port(), replicas=1, gpus_per_replica=gpus)
     url = deploy_explorer(os.path.join(served["root"], "out"), "s1", None, cfg, token="s3cret")
     try:
         assert url == f"http://127.0.0.1:{cfg.port}/"
         auth = {"Authorization": "Bearer s3cret"}
         assert requests.get(url + "api/info", timeout=30).status_code == 401
         got = requests.get(url + "api/info", headers=auth, timeout=30)
-        assert got.status_code == 200 and got.json() == served["client"].get("/api/info").json()
+        assert got.status_code == 200
+        info, plain = got.json(), served["client"].get("/api/info").json()
+        assert info.pop("upload_device") == ("cuda" if gpus else "cpu") and plain.pop("upload_device") == "cpu"
+        assert info == plain
         for query in ("c0_1", "c2_3"):
             got = requests.get(url + "api/topk", params={"id": query, "k": 5}, headers=auth, timeout=30).json()
             assert got == served["client"].get("/api/topk", params={"id": query, "k": 5}).json()
         assert requests.get(url + "api/topk", params={"id": "../x"}, headers=auth, timeout=30).status_code == 404
+        data = open(os.path.join(served["root"], "c2_3.png"), "rb").read()  # one forward in the replica
+        got = requests.post(url + "api/upload", params={"k": 3}, data=data, headers=auth, timeout=60).json()
+        want = served["client"].post("/api/upload", params={"k": 3}, content=data).json()
+        assert [h["image_id"] for h in got["topk"]] == [h["image_id"] for h in want["topk"]]
+        np.testing.assert_allclose([h["score"] for h in got["topk"]], [h["score"] for h in want["topk"]], atol=1e-4)
+        first = want["topk"][0]["image_id"]
+        for method, values in want["maps"][first].items():
+            np.testing.assert_allclose(got["maps"][first][method], values, atol=2e-3)
     finally:
         undeploy_explorer()
     with pytest.raises(requests.ConnectionError):

@@ -61,7 +61,7 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
     def info() -> dict:
         return {"run_id": explorer.run.run_id, "methods": explorer.methods, "image_size": explorer.image_size,
                 "rows": len(explorer.ids), "splits": sorted(set(explorer.splits)),
-                "labels": sorted({int(v) for v in explorer.labels})}
+                "labels": sorted({int(v) for v in explorer.labels}), "upload_device": explorer.embedder.device.type}
 
     @app.get("/api/gallery")
     def gallery(split: Optional[str] = None, label: Optional[int] = None, offset: int = Query(0, ge=0),
