@@ -18,6 +18,7 @@ from dml_ray.config import KnnConfig
 from dml_ray.io.schemas import NEIGHBORS_SCHEMA
 from dml_ray.retrieval.knn_graph import build_ann_index, knn_graph_rows, shard_bounds
 from dml_ray.retrieval.prototypes import fixed_list_to_numpy
+from pipelines.evaluate import by_image_id
 from pipelines.search_tasks import batch_shard, graph_shard
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def knn_graph_sharded(x: np.ndarray, cfg: KnnConfig) -> tuple[np.ndarray, np.nda
 
 def split_neighbors(embeddings: pa.Table, split: str, cfg: KnnConfig, run_id: str) -> pa.Table:
     """``neighbors`` rows of one split: kNN lists with distances, expanded reciprocal sets and batches."""
-    rows = embeddings.filter(pc.equal(embeddings.column("split"), split))
+    # image_id order first, as the evaluate stage: ties in the search then break the same way however the
+    # embeddings were written (Ray Data's block order varies from run to run)
+    rows = by_image_id(embeddings.filter(pc.equal(embeddings.column("split"), split)))
     if rows.num_rows < 2:
         raise ValueError(f"knn: split {split!r} has fewer than 2 embeddings")
     x = fixed_list_to_numpy(rows.column("embedding"))

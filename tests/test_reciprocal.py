@@ -199,3 +199,29 @@ def test_input_errors() -> None:
         reciprocal_sets(bad, 3)
     with pytest.raises(ValueError, match="distances must have shape"):
         reciprocal_batches(neighbor_idx, distances[:, :3], x, 5, 3, metric="euclidean")
+
+
+def test_knn_stage_output_does_not_depend_on_row_order(ray_session) -> None:
+    """Duplicate embeddings tie exactly; the stage puts rows in image_id order first, so a table written in
+    another order (as Ray Data's blocks may be) gives the same neighbours, reciprocal sets and batches."""
+    import pyarrow as pa
+
+    from dml_ray.config import KnnConfig
+    from dml_ray.io.schemas import embedding_type
+    from pipelines.knn import run_knn
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(8, 16)).astype(np.float32)
+    x = np.concatenate([base, base, base])  # every vector three times: exact ties everywhere
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"img{i:03d}" for i in range(len(x))]
+
+    def table(order: np.ndarray) -> pa.Table:
+        column = pa.FixedSizeListArray.from_arrays(pa.array(x[order].reshape(-1)), x.shape[1])
+        return pa.table({"image_id": pa.array([ids[i] for i in order]), "split": pa.array(["test"] * len(x)),
+                         "embedding": column.cast(embedding_type(x.shape[1]))})
+
+    cfg = KnnConfig(k1=6, batch_size=4, shards=2)
+    a = run_knn(table(np.arange(len(x))), ["test"], cfg, "r")
+    b = run_knn(table(rng.permutation(len(x))), ["test"], cfg, "r")
+    assert a.sort_by("image_id").to_pylist() == b.sort_by("image_id").to_pylist()
