@@ -229,10 +229,29 @@ def test_upload_searches_and_refuses_bad_input(served, monkeypatch) -> None:
 def test_projection_is_pca_of_the_embeddings(served) -> None:
     from sklearn.decomposition import PCA
 
-    pts = served["client"].get("/api/projection").json()["points"]
+    client = served["client"]
+    body = client.get("/api/projection").json()
+    pts = body["points"]
     want = PCA(n_components=2, random_state=0).fit_transform(served["explorer"].embeddings.numpy())
     np.testing.assert_allclose([[p["x"], p["y"]] for p in pts], want, atol=1e-4)
-    assert pts[4]["image_id"] == "c1_0"
+    assert pts[4]["image_id"] == "c1_0" and body["method"] == "pca"
+    assert client.get("/api/projection", params={"method": "tsne"}).status_code == 400
+
+
+def test_projection_by_umap_when_installed(served) -> None:
+    """The page offers UMAP exactly when umap-learn is importable (the test extra installs it), and the endpoint
+    returns ``project_2d``'s coordinates for it."""
+    from dml_ray.explore.projection import project_2d, umap_available
+
+    client = served["client"]
+    assert client.get("/api/info").json()["projections"] == (["pca", "umap"] if umap_available() else ["pca"])
+    got = client.get("/api/projection", params={"method": "umap"})
+    if not umap_available():
+        assert got.status_code == 400 and "umap-learn" in got.json()["detail"]
+        return
+    want = project_2d(served["explorer"].embeddings.numpy(), "umap")
+    assert got.json()["method"] == "umap"
+    np.testing.assert_allclose([[p["x"], p["y"]] for p in got.json()["points"]], want, atol=1e-4)
 
 
 def test_no_endpoint_writes_and_token_is_enforced(served) -> None:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from dml_ray.errors import BadInput
+from dml_ray.explore.projection import umap_available
 from dml_ray.serve import explorer as limits
 from dml_ray.serve.explorer import Explorer
 
@@ -61,7 +62,8 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
     def info() -> dict:
         return {"run_id": explorer.run.run_id, "methods": explorer.methods, "image_size": explorer.image_size,
                 "rows": len(explorer.ids), "splits": sorted(set(explorer.splits)),
-                "labels": sorted({int(v) for v in explorer.labels}), "upload_device": explorer.embedder.device.type}
+                "labels": sorted({int(v) for v in explorer.labels}), "upload_device": explorer.embedder.device.type,
+                "projections": ["pca", "umap"] if umap_available() else ["pca"]}
 
     @app.get("/api/gallery")
     def gallery(split: Optional[str] = None, label: Optional[int] = None, offset: int = Query(0, ge=0),
@@ -124,9 +126,9 @@ def create_app(explorer: Explorer, token: Optional[str] = None) -> FastAPI:
         return explorer.localization.rows(method, reference_kind, threshold, order, offset, limit)
 
     @app.get("/api/projection")
-    def projection() -> dict:
-        xy = explorer.projection()
-        return {"points": [{**explorer._row(i), "x": float(xy[i, 0]), "y": float(xy[i, 1])}
-                           for i in range(len(explorer.ids))]}
+    def projection(method: str = "pca") -> dict:
+        chosen, xy = explorer.projection(method)
+        return {"method": chosen, "points": [{**explorer._row(i), "x": float(xy[i, 0]), "y": float(xy[i, 1])}
+                                             for i in range(len(explorer.ids))]}
 
     return app

@@ -26,7 +26,7 @@ from dml_ray.explain.decomposition import pixel_to_grid, point_specific_map
 from dml_ray.explain.interactive import box_coverage_mask, partial_query, rank_gallery
 from dml_ray.explore.index import run_checkpoint, run_index
 from dml_ray.explore.model import load_model
-from dml_ray.explore.projection import project_2d
+from dml_ray.explore.projection import project_2d, resolve_method
 from dml_ray.io.run import Run
 from dml_ray.serve.feature_store import FeatureMapReader
 from dml_ray.serve.localization import LocalizationView, input_view_png
@@ -78,6 +78,7 @@ class Explorer:
             image_size=self.embedder.image_size, resize=resize if isinstance(resize, int) else max(resize),
             frame="resize_crop" if isinstance(resize, int) else "resize"))
         self._reader: Optional[FeatureMapReader] = None
+        self._projections: dict[str, np.ndarray] = {}
         self._features = lru_cache(maxsize=cache_size)(self._read_features)
         self.pair_maps = lru_cache(maxsize=cache_size)(self._pair_maps)
 
@@ -217,6 +218,10 @@ class Explorer:
         return hits, vector[0], maps
 
     # ---- projection ----
-    def projection(self) -> np.ndarray:
-        """2-D PCA of the stored embeddings (N x 2), rows in ``self.ids`` order."""
-        return project_2d(self.embeddings.numpy())
+    def projection(self, method: str = "pca") -> tuple[str, np.ndarray]:
+        """The method used and the 2-D projection (``explore.projection.project_2d``: pca, umap or auto) of the
+        stored embeddings (N x 2), rows in ``self.ids`` order; computed once per method."""
+        chosen = resolve_method(method)
+        if chosen not in self._projections:
+            self._projections[chosen] = project_2d(self.embeddings.numpy(), chosen)
+        return chosen, self._projections[chosen]

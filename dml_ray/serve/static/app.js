@@ -122,7 +122,9 @@ q("#upload").addEventListener("change", async () => {
 q("#filter").onclick = loadGallery;
 
 async function drawProjection() {
-  const pts = (await getJSON("api/projection")).points, c = q("#projection"), ctx = c.getContext("2d");
+  const method = q("#projmethod").value || "pca";
+  const pts = (await getJSON("api/projection?method=" + method)).points, c = q("#projection"), ctx = c.getContext("2d");
+  ctx.clearRect(0, 0, c.width, c.height);
   const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y);
   const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   const px = (p) => [10 + (p.x - x0) / (x1 - x0 || 1) * (c.width - 20), 10 + (p.y - y0) / (y1 - y0 || 1) * (c.height - 20)];
@@ -201,6 +203,8 @@ async function setupLocalization() {
   state.info = await getJSON("api/info");
   q("#runid").textContent = "run " + state.info.run_id;
   for (const s of state.info.splits) { const o = document.createElement("option"); o.textContent = s; q("#split").appendChild(o); }
+  q("#projmethod").innerHTML = state.info.projections.map((m) => `<option value="${m}">${m.toUpperCase()}</option>`).join("");
+  q("#projmethod").onchange = drawProjection;
   await loadGallery(); await drawProjection(); await setupLocalization();
   document.body.dataset.ready = "1";
 })();
