@@ -152,7 +152,7 @@ def _grid_section(run: Run, split: str, q_ids: np.ndarray, q_labels: np.ndarray,
     precision, first_rank = query_quality(q_labels, found.labels)
     k = found.indices.shape[1]
     best, worst = best_and_worst(q_ids, precision, first_rank, found.scores[:, 0], cfg.grid_queries,
-                                 higher_is_closer=metric == "cosine")
+                                 higher_is_closer=metric == "cosine", query_labels=q_labels)
     thumbnails: dict[str, Optional[bytes]] = {}
 
     def tile(image_id: str, label: int, score: Optional[float] = None, match: Optional[bool] = None) -> Tile:
@@ -172,7 +172,7 @@ def _grid_section(run: Run, split: str, q_ids: np.ndarray, q_labels: np.ndarray,
         text=f"Each query's top {k} (the query itself excluded), green border: same class, red: another class; "
              f"under each, its {'cosine similarity' if metric == 'cosine' else 'squared L2 distance'}. Queries "
              f"ranked by precision@{k}, then by the rank of the first correct neighbour, then by the top-1 score "
-             "(the worst: confident mistakes first).",
+             "(the worst: confident mistakes first), one query per class before a class repeats.",
         grids=[Grid("Best queries", [row(q) for q in best], score_name),
                Grid("Worst queries", [row(q) for q in worst], score_name)])
 

@@ -173,6 +173,17 @@ def test_best_and_worst_ranking_by_hand() -> None:
     assert worst.tolist() == [1, 3]  # none correct; then the later first correct rank
     few_best, few_worst = best_and_worst(ids[:3], precision[:3], first[:3], np.zeros(3), n=5)
     assert few_best.tolist() == [0, 2] and few_worst.tolist() == [1]
+    # one query per class first: rows 4 and 0 are the two best, but 0 shares no class with 4 and stays; with
+    # labels making 0 and 4 one class, the second best is the next class's best (row 2)
+    assert best_and_worst(ids, precision, first, np.array([0.9, 0.8, 0.7, 0.6, 0.95]), n=2,
+                          query_labels=labels)[0].tolist() == [4, 0]
+    same = np.array([2, 0, 1, 1, 2])
+    best, worst = best_and_worst(ids, precision, first, np.array([0.9, 0.8, 0.7, 0.6, 0.95]), n=2,
+                                 query_labels=same)
+    assert best.tolist() == [4, 2] and worst.tolist() == [1, 3]
+    one_class = best_and_worst(ids, precision, first, np.zeros(5), n=3, query_labels=np.zeros(5, int))
+    plain = best_and_worst(ids, precision, first, np.zeros(5), n=3)
+    assert [a.tolist() for a in one_class] == [a.tolist() for a in plain]  # a single class: the plain ranking
 
 
 def test_projection_pca_and_the_auto_fallback(monkeypatch) -> None:

@@ -46,23 +46,41 @@ def query_quality(query_labels: np.ndarray, neighbor_labels: np.ndarray) -> tupl
 
 
 def best_and_worst(query_ids: np.ndarray, precision: np.ndarray, first_rank: np.ndarray, top1_score: np.ndarray,
-                   n: int, higher_is_closer: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   n: int, higher_is_closer: bool = True,
+                   query_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the ``n`` best and ``n`` worst queries, disjoint (with fewer than 2n queries the best take half).
 
     Best: highest precision@k, then earliest first correct rank, then the closest top-1 neighbour. Worst: lowest
     precision@k, then latest first correct rank (none among the k counts as k), then the *closest* top-1
-    neighbour (a confident mistake before a hesitant one). Remaining ties: image id order.
+    neighbour (a confident mistake before a hesitant one). Remaining ties: image id order. With ``query_labels``
+    each list takes one query per class, in that order, before a class repeats (so one easy class does not fill
+    the best queries).
     """
     ids = np.asarray(query_ids)
     closeness = np.asarray(top1_score, np.float64) * (1 if higher_is_closer else -1)
     id_rank = np.argsort(np.argsort(ids, kind="stable"), kind="stable")
     # np.lexsort sorts by the last key first
-    best = np.lexsort((id_rank, -closeness, first_rank, -precision))
-    worst = np.lexsort((id_rank, -closeness, -first_rank, precision))
+    best = _classes_first(np.lexsort((id_rank, -closeness, first_rank, -precision)), query_labels)
+    worst = _classes_first(np.lexsort((id_rank, -closeness, -first_rank, precision)), query_labels)
     chosen_best = best[:min(n, (len(ids) + 1) // 2)]
     taken = set(chosen_best.tolist())
     chosen_worst = np.array([r for r in worst if r not in taken][:n], dtype=np.int64)
     return chosen_best, chosen_worst
+
+
+def _classes_first(order: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """``order`` re-ranked by each row's occurrence of its class (first of every class, then second, ...),
+    stable within an occurrence; unchanged without labels."""
+    if labels is None:
+        return order
+    ranked = np.asarray(labels)[order]
+    _, inverse = np.unique(ranked, return_inverse=True)
+    occurrence = np.zeros(len(order), np.int64)
+    seen: dict[int, int] = {}
+    for i, c in enumerate(inverse.tolist()):
+        occurrence[i] = seen.get(c, 0)
+        seen[c] = occurrence[i] + 1
+    return order[np.argsort(occurrence, kind="stable")]
 
 
 def per_class_recall_at_1(query_labels: np.ndarray, top1_labels: np.ndarray) -> pa.Table:
